@@ -1,0 +1,315 @@
+"""The chunked (mini-batch) memory op of Titans, paper Section 3.2, Eqs. 16-18.
+
+Per head, with keys k_t, values v_t, queries q_t, step size theta_t, momentum eta_t and forgetting alpha_t:
+
+    l_t(W)  = || f(W, k_t) - v_t ||^2                      inner associative loss (Eq. 12)
+    S_t     = eta_t S_{t-1} - theta_t grad l_t(W_c)          surprise with momentum (Eq. 10 / 14)
+    W_t     = (1 - alpha_t) W_{t-1} + S_t                    forgetting (Eq. 13)
+    y_t     = f(W_t, q_t)                                    retrieval (Eq. 15)
+
+where W_c is the weight at the start of t's chunk of `chunk_size` tokens (Eq. 16: gradients of a chunk are taken at
+the chunk-start weights, so the chunk is one tensorised mini-batch step). chunk_size = 1 is the plain online rule.
+
+Fast path (`MLPMemory`): inside a chunk every gradient is a sum of rank-one outer products, layer l's being
+G_{l,j} = delta_{l,j} z_{l,j}^T at W_c. Unrolling the two linear recurrences gives
+
+    W_i = b_i W_c + c_i S_c - sum_{j<=i} A_ij G_j,   A = P Q,  P_im = prod_{m<k<=i} (1 - alpha_k),
+                                                     Q_mj = theta_j prod_{j<k<=m} eta_k,
+    b_i = prod_{k<=i} (1 - alpha_k),   c_i = sum_{m<=i} P_im E_m,   E_m = prod_{k<=m} eta_k,
+
+so W_i x = b_i W_c x + c_i S_c x - sum_j A_ij (z_j . x) delta_j: the per-token retrievals are masked matrix products,
+layer by layer (the dual form of TTT, extended with momentum and forgetting; the C x C matrices replace the paper's
+parallel scan of Eq. 18). The gate products are built in log space (stable segment sums), and weights and momentum
+are materialised only at chunk ends: no per-token weight copies.
+
+Streaming: the state keeps W and S at the last chunk boundary plus the (< chunk_size) tokens seen since, so a sequence
+fed in pieces of any length gives exactly the result of one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .mlp_memory import MLPMemory, Params
+
+MemoryFn = Callable[[Params, Tensor], Tensor]
+
+
+@dataclass
+class PendingTokens:
+    """Tokens after the last chunk boundary, not yet folded into the weights (fewer than chunk_size)."""
+
+    keys: Tensor  # (BH, p, d_k)
+    values: Tensor  # (BH, p, d_v)
+    lr: Tensor  # (BH, p)
+    momentum: Tensor | None
+    decay: Tensor | None
+
+    def __len__(self) -> int:
+        return self.keys.shape[1]
+
+
+@dataclass
+class MemoryState:
+    """Memory weights W and momentum S at the last chunk boundary, and the tokens seen since."""
+
+    weights: Params
+    momentum: Params
+    pending: PendingTokens | None = None
+
+    @classmethod
+    def initial(cls, params: Params) -> "MemoryState":
+        return cls(weights=dict(params), momentum={k: torch.zeros_like(v) for k, v in params.items()})
+
+    def detach(self) -> "MemoryState":
+        """The same state cut from the autograd graph (truncated backpropagation through time)."""
+        det = lambda t: None if t is None else t.detach()  # noqa: E731
+        pending = self.pending
+        if pending is not None:
+            pending = PendingTokens(*(det(getattr(pending, f)) for f in ("keys", "values", "lr", "momentum", "decay")))
+        return MemoryState({k: v.detach() for k, v in self.weights.items()},
+                           {k: v.detach() for k, v in self.momentum.items()}, pending)
+
+
+# --------------------------------------------------------------------------------------------- gate coefficients
+
+
+def _segment_sum(x: Tensor) -> Tensor:
+    """out[..., i, j] = sum_{j < k <= i} x[..., k] for j <= i, and -inf above the diagonal (no subtraction of
+    cumulative sums, so it stays exact when products underflow)."""
+    n = x.shape[-1]
+    x = x.unsqueeze(-1).expand(*x.shape, n)  # x[..., i, j] = x_i
+    strictly_lower = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
+    sums = x.masked_fill(~strictly_lower, 0).cumsum(dim=-2)
+    return sums.masked_fill(~strictly_lower.logical_or(torch.eye(n, dtype=torch.bool, device=x.device)), -torch.inf)
+
+
+def _decay_products(gate: Tensor) -> tuple[Tensor, Tensor]:
+    """For a gate g in [0, 1] of shape (..., C): (L, E) with L_ij = prod_{j<k<=i} g_k (lower triangular, L_ii = 1) and
+    E_i = prod_{k<=i} g_k, computed in log space."""
+    tiny = torch.finfo(gate.dtype).tiny
+    log_gate = gate.clamp(min=tiny).log()
+    padded = torch.nn.functional.pad(log_gate, (1, 0))  # a virtual step 0 before the chunk
+    products = _segment_sum(padded).exp()
+    return products[..., 1:, 1:], products[..., 1:, 0]
+
+
+@dataclass
+class ChunkCoefficients:
+    """The unrolled momentum/forgetting recurrences of a chunk (see module docstring); shapes (..., C[, C])."""
+
+    A: Tensor  # weight of gradient j in W_i
+    Q: Tensor  # weight of gradient j in S_i
+    b: Tensor  # weight of W_c in W_i
+    c: Tensor  # weight of S_c in W_i
+    e: Tensor  # weight of S_c in S_i
+
+    @classmethod
+    def build(cls, lr: Tensor, momentum: Tensor | None, decay: Tensor | None) -> "ChunkCoefficients":
+        n = lr.shape[-1]
+        if momentum is None:  # S_i = -theta_i G_i
+            Q, e = torch.diag_embed(lr), torch.zeros_like(lr)
+        else:
+            eta_products, e = _decay_products(momentum)
+            Q = eta_products * lr.unsqueeze(-2)
+        if decay is None:
+            P = torch.ones(n, n, dtype=lr.dtype, device=lr.device).tril().expand(*lr.shape, n)
+            b = torch.ones_like(lr)
+        else:
+            P, b = _decay_products(1 - decay)
+        return cls(A=P @ Q, Q=Q, b=b, c=(P @ e.unsqueeze(-1)).squeeze(-1), e=e)
+
+    def last_row(self) -> "ChunkCoefficients":
+        """Coefficients of the chunk's last token, keeping a row axis of size 1: A, Q (BH, 1, C); b, c, e (BH, 1)."""
+        return ChunkCoefficients(self.A[..., -1:, :], self.Q[..., -1:, :], self.b[..., -1:], self.c[..., -1:],
+                                 self.e[..., -1:])
+
+
+# --------------------------------------------------------------------------------------------- MLP fast path
+
+
+def _inner_gradient_factors(memory: MLPMemory, W: Params, keys: Tensor, values: Tensor):
+    """Forward the chunk's keys through f(W_c, .) and back-propagate the inner loss by hand.
+    Returns, per layer, the layer inputs z_l (BH, C, d_in) and output-gradients delta_l (BH, C, d_out), so that
+    grad_{W_l} l_j = delta_{l,j} z_{l,j}^T."""
+    inputs, pre_activations, h = [], [], keys
+    for i, name in enumerate(memory.names):
+        inputs.append(h)
+        a = h @ W[name].transpose(-1, -2)
+        pre_activations.append(a)
+        h = memory.act.fn(a) if i < memory.depth - 1 else a
+    prediction = keys + h if memory.residual else h
+    deltas = [2 * (prediction - values)]  # d/df || f - v ||^2
+    for i in range(memory.depth - 2, -1, -1):
+        back = deltas[0] @ W[memory.names[i + 1]]
+        deltas.insert(0, back * memory.act.derivative(pre_activations[i]))
+    return inputs, deltas
+
+
+def _retrieve_in_chunk(memory: MLPMemory, W: Params, S: Params, queries: Tensor, inputs, deltas,
+                       co: ChunkCoefficients, with_momentum: bool) -> Tensor:
+    """y_i = f(W_i, q_i) for every token i of the chunk, without materialising W_i (dual form)."""
+    h = queries
+    for i, name in enumerate(memory.names):
+        out = co.b.unsqueeze(-1) * (h @ W[name].transpose(-1, -2))
+        if with_momentum:
+            out = out + co.c.unsqueeze(-1) * (h @ S[name].transpose(-1, -2))
+        scores = (h @ inputs[i].transpose(-1, -2)) * co.A  # (BH, C, C), lower triangular
+        out = out - scores @ deltas[i]
+        h = memory.act.fn(out) if i < memory.depth - 1 else out
+    return queries + h if memory.residual else h
+
+
+def _advance(memory: MLPMemory, W: Params, S: Params, inputs, deltas, end: ChunkCoefficients) -> tuple[Params, Params]:
+    """W and S after the chunk's last token (Eq. 16 at the chunk end)."""
+    new_W, new_S = {}, {}
+    for i, name in enumerate(memory.names):
+        update_w = (deltas[i] * end.A.transpose(-1, -2)).transpose(-1, -2) @ inputs[i]
+        update_s = (deltas[i] * end.Q.transpose(-1, -2)).transpose(-1, -2) @ inputs[i]
+        new_W[name] = end.b.unsqueeze(-1) * W[name] + end.c.unsqueeze(-1) * S[name] - update_w
+        new_S[name] = end.e.unsqueeze(-1) * S[name] - update_s
+    return new_W, new_S
+
+
+# --------------------------------------------------------------------------------------------- general path
+
+
+def _per_token_grads(memory_fn: MemoryFn, W: Params, keys: Tensor, values: Tensor) -> Params:
+    """grad_W l_j at the chunk-start weights for every token j: dict of (BH, C, *shape) (torch.func)."""
+
+    def loss(params, k, v):
+        return ((memory_fn(params, k) - v) ** 2).sum()
+
+    per_token = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
+    return torch.func.vmap(per_token)(W, keys, values)
+
+
+def _weights_at(co: ChunkCoefficients, W: Params, S: Params, grads: Params) -> Params:
+    """W_i = b_i W_c + c_i S_c - sum_j A_ij G_j for the R rows of `co` (A: (BH, R, C)): dict of (BH, R, *shape).
+    Materialised per token: the general path only."""
+    out = {}
+    for name, w in W.items():
+        mixed = co.A @ grads[name].flatten(2)  # (BH, R, n)
+        flat = co.b.unsqueeze(-1) * w.flatten(1).unsqueeze(1) + co.c.unsqueeze(-1) * S[name].flatten(1).unsqueeze(1)
+        out[name] = (flat - mixed).reshape(*co.A.shape[:2], *w.shape[1:])
+    return out
+
+
+def _momentum_at_end(end: ChunkCoefficients, S: Params, grads: Params) -> Params:
+    """S after the chunk's last token, S_C = E_C S_c - sum_j Q_Cj G_j (general path)."""
+    return {name: (end.e * s.flatten(1) - (end.Q @ grads[name].flatten(2)).squeeze(1)).reshape(s.shape)
+            for name, s in S.items()}
+
+
+# --------------------------------------------------------------------------------------------- the op
+
+
+def _check_inputs(keys, values, queries, lr, momentum, decay, chunk_size):
+    if keys.dim() != 3 or values.dim() != 3 or queries.dim() != 3:
+        raise ValueError(f"keys, values, queries must be (BH, T, d); got {tuple(keys.shape)}, "
+                         f"{tuple(values.shape)}, {tuple(queries.shape)}")
+    bh, t = keys.shape[:2]
+    if values.shape[:2] != (bh, t) or queries.shape[:2] != (bh, t):
+        raise ValueError(f"keys {tuple(keys.shape)}, values {tuple(values.shape)} and queries "
+                         f"{tuple(queries.shape)} disagree in (BH, T)")
+    for name, gate in (("lr", lr), ("momentum", momentum), ("decay", decay)):
+        if gate is not None and gate.shape != (bh, t):
+            raise ValueError(f"{name} must have shape (BH, T) = {(bh, t)}, got {tuple(gate.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _cat_pending(pending: PendingTokens | None, name: str, new: Tensor | None) -> Tensor | None:
+    old = None if pending is None else getattr(pending, name)
+    if pending is not None and (old is None) != (new is None):
+        raise ValueError(f"streaming state was built {'with' if old is not None else 'without'} {name}, "
+                         f"but this call passes {'no' if new is None else 'a'} {name} gate")
+    if old is None or new is None:
+        return new
+    return torch.cat([old, new], dim=1)
+
+
+def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tensor, queries: Tensor, lr: Tensor,
+                momentum: Tensor | None, decay: Tensor | None, chunk_size: int,
+                state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+    """Store (keys, values) into the memory and read it with `queries`, token by token, with chunked gradients.
+
+    memory_fn: f(params, x), a pure function; an `MLPMemory` takes the fast dual-form path, anything else a general
+        torch.func path (per-token gradients and weights materialised per chunk).
+    params: the initial weights M_0 (dict of (BH, ...) tensors), used when `state` is None.
+    keys, values, queries: (BH, T, d). lr (theta, >= 0), momentum (eta in [0, 1), None: no momentum) and decay (alpha in
+        [0, 1], None: no forgetting): (BH, T).
+    Returns the retrievals y_t = f(W_t, q_t) of shape (BH, T, d_v) and the state after the last token.
+    """
+    _check_inputs(keys, values, queries, lr, momentum, decay, chunk_size)
+    state = state if state is not None else MemoryState.initial(params)
+    pending = state.pending
+    offset = 0 if pending is None else len(pending)
+    keys = _cat_pending(pending, "keys", keys)
+    values = _cat_pending(pending, "values", values)
+    lr = _cat_pending(pending, "lr", lr)
+    momentum = _cat_pending(pending, "momentum", momentum)
+    decay = _cat_pending(pending, "decay", decay)
+    if offset:
+        queries = torch.cat([queries.new_zeros(queries.shape[0], offset, queries.shape[2]), queries], dim=1)
+
+    bh, total = keys.shape[:2]
+    n_chunks = -(-total // chunk_size)
+    padding = n_chunks * chunk_size - total
+
+    def chunked(x: Tensor | None) -> Tensor | None:  # (BH, T, ...) -> (BH, n_chunks, C, ...), zero padded
+        if x is None:
+            return None
+        x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, padding))
+        return x.reshape(bh, n_chunks, chunk_size, *x.shape[2:])
+
+    coefficients = ChunkCoefficients.build(chunked(lr), chunked(momentum), chunked(decay))
+    ks, vs, qs = chunked(keys), chunked(values), chunked(queries)
+    fast = isinstance(memory_fn, MLPMemory)
+    W, S = state.weights, state.momentum
+    outputs = []
+    for c in range(n_chunks):
+        co = ChunkCoefficients(*(getattr(coefficients, f)[:, c] for f in ("A", "Q", "b", "c", "e")))
+        complete = c < n_chunks - 1 or padding == 0
+        if fast:
+            inputs, deltas = _inner_gradient_factors(memory_fn, W, ks[:, c], vs[:, c])
+            outputs.append(_retrieve_in_chunk(memory_fn, W, S, qs[:, c], inputs, deltas, co, momentum is not None))
+            if complete:
+                W, S = _advance(memory_fn, W, S, inputs, deltas, co.last_row())
+        else:
+            grads = _per_token_grads(memory_fn, W, ks[:, c], vs[:, c])
+            per_token = _weights_at(co, W, S, grads)
+            read = torch.func.vmap(torch.func.vmap(memory_fn))  # over BH, then over tokens
+            outputs.append(read(per_token, qs[:, c]))
+            if complete:
+                end = co.last_row()
+                W, S = {k: w.squeeze(1) for k, w in _weights_at(end, W, S, grads).items()}, _momentum_at_end(end, S, grads)
+
+    retrieved = torch.cat(outputs, dim=1)[:, offset:total]
+    new_pending = None
+    if padding:
+        start = (n_chunks - 1) * chunk_size
+        tail = lambda x: None if x is None else x[:, start:]  # noqa: E731
+        new_pending = PendingTokens(tail(keys), tail(values), tail(lr), tail(momentum), tail(decay))
+    return retrieved, MemoryState(W, S, new_pending)
+
+
+def current_weights(memory_fn: MemoryFn, state: MemoryState) -> Params:
+    """The weights after the last token seen, W_t (folds the pending tokens in; the state itself is unchanged)."""
+    pending = state.pending
+    if pending is None:
+        return state.weights
+    p = len(pending)
+    _, advanced = memory_scan(memory_fn, state.weights, pending.keys, pending.values, pending.keys, pending.lr,
+                              pending.momentum, pending.decay, chunk_size=p,
+                              state=replace(state, pending=None))
+    return advanced.weights
+
+
+def memory_retrieve(memory_fn: MemoryFn, state: MemoryState, queries: Tensor) -> Tensor:
+    """y = f(W_t, q) for every query with the current weights: a read that stores nothing (M* in the paper)."""
+    return memory_fn(current_weights(memory_fn, state), queries)

@@ -1,0 +1,34 @@
+"""Naive reference of the memory op: a Python loop over tokens with autograd, written straight from the paper's
+equations (Section 3.1, Eqs. 10-16). Slow; it exists to check the fast path (tests) and the speed-up (benchmarks)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .memory_scan import MemoryFn, Params
+
+
+def memory_scan_reference(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tensor, queries: Tensor,
+                          lr: Tensor, momentum: Tensor | None, decay: Tensor | None,
+                          chunk_size: int) -> tuple[Tensor, Params, Params]:
+    """Token-by-token memory_scan from the initial weights. Returns (retrieved, final weights, final momentum).
+    Differentiable: the inner gradients come from torch.func.grad, which composes with the outer autograd."""
+    def inner_loss(weights: Params, k: Tensor, v: Tensor) -> Tensor:  # Eq. 12, summed over the independent BH rows
+        return ((memory_fn(weights, k) - v) ** 2).sum()
+
+    W = dict(params)
+    S = {k: torch.zeros_like(v) for k, v in params.items()}
+    outputs = []
+    for t in range(keys.shape[1]):
+        if t % chunk_size == 0:
+            W_chunk = dict(W)  # Eq. 16: every token of the chunk takes its gradient at the chunk-start weights
+        grads = torch.func.grad(inner_loss)(W_chunk, keys[:, t:t + 1], values[:, t:t + 1])
+        for name in W:
+            shape = (-1,) + (1,) * (W[name].dim() - 1)
+            eta = 0.0 if momentum is None else momentum[:, t].reshape(shape)
+            keep = 1.0 if decay is None else (1 - decay[:, t]).reshape(shape)
+            S[name] = eta * S[name] - lr[:, t].reshape(shape) * grads[name]  # Eq. 14
+            W[name] = keep * W[name] + S[name]  # Eq. 13
+        outputs.append(memory_fn(W, queries[:, t:t + 1]))  # Eq. 15: token t reads W_t
+    return torch.cat(outputs, dim=1), W, S
