@@ -179,13 +179,22 @@ def _advance(memory: MLPMemory, W: Params, S: Params, inputs, deltas, end: Chunk
 
 
 def _per_token_grads(memory_fn: MemoryFn, W: Params, keys: Tensor, values: Tensor) -> Params:
-    """grad_W l_j at the chunk-start weights for every token j: dict of (BH, C, *shape) (torch.func)."""
+    """grad_W l_j at the chunk-start weights for every token j: dict of (BH, C, *shape).
+    Each (row, token) pair becomes a row of its own, so one torch.func.grad of the summed loss gives them all."""
+    bh, c = keys.shape[:2]
+    expanded = {k: w.unsqueeze(1).expand(bh, c, *w.shape[1:]).reshape(bh * c, *w.shape[1:]) for k, w in W.items()}
 
-    def loss(params, k, v):
-        return ((memory_fn(params, k) - v) ** 2).sum()
+    def loss(params):
+        return ((memory_fn(params, keys.reshape(bh * c, 1, -1)) - values.reshape(bh * c, 1, -1)) ** 2).sum()
 
-    per_token = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
-    return torch.func.vmap(per_token)(W, keys, values)
+    return {k: g.reshape(bh, c, *g.shape[1:]) for k, g in torch.func.grad(loss)(expanded).items()}
+
+
+def _read_per_token(memory_fn: MemoryFn, weights: Params, queries: Tensor) -> Tensor:
+    """f(W_i, q_i) with per-token weights (BH, C, *shape) and queries (BH, C, d)."""
+    bh, c = queries.shape[:2]
+    flat = {k: w.reshape(bh * c, *w.shape[2:]) for k, w in weights.items()}
+    return memory_fn(flat, queries.reshape(bh * c, 1, -1)).reshape(bh, c, -1)
 
 
 def _weights_at(co: ChunkCoefficients, W: Params, S: Params, grads: Params) -> Params:
@@ -238,8 +247,9 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
                 state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
     """Store (keys, values) into the memory and read it with `queries`, token by token, with chunked gradients.
 
-    memory_fn: f(params, x), a pure function; an `MLPMemory` takes the fast dual-form path, anything else a general
-        torch.func path (per-token gradients and weights materialised per chunk).
+    memory_fn: f(params, x), a pure function of batched params (BH, ...) and inputs (BH, N, d), rows independent; an
+        `MLPMemory` takes the fast dual-form path, anything else a general torch.func path (per-token gradients and
+        weights materialised per chunk: simple, memory-hungry).
     params: the initial weights M_0 (dict of (BH, ...) tensors), used when `state` is None.
     keys, values, queries: (BH, T, d). lr (theta, >= 0), momentum (eta in [0, 1), None: no momentum) and decay (alpha in
         [0, 1], None: no forgetting): (BH, T).
@@ -283,8 +293,7 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
         else:
             grads = _per_token_grads(memory_fn, W, ks[:, c], vs[:, c])
             per_token = _weights_at(co, W, S, grads)
-            read = torch.func.vmap(torch.func.vmap(memory_fn))  # over BH, then over tokens
-            outputs.append(read(per_token, qs[:, c]))
+            outputs.append(_read_per_token(memory_fn, per_token, qs[:, c]))
             if complete:
                 end = co.last_row()
                 W, S = {k: w.squeeze(1) for k, w in _weights_at(end, W, S, grads).items()}, _momentum_at_end(end, S, grads)

@@ -1,0 +1,209 @@
+"""The chunked memory op against independent references: the token loop with autograd, a closed-form online rule,
+finite differences."""
+
+import itertools
+
+import pytest
+import torch
+
+from titans.ops import MLPMemory, current_weights, memory_retrieve, memory_scan, memory_scan_reference
+
+F64 = torch.float64
+
+
+def make_inputs(bh=3, t=13, d=4, *, seed=0, dtype=F64, with_momentum=True, with_decay=True):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.nn.functional.normalize(torch.randn(bh, t, d, generator=g, dtype=dtype), dim=-1)
+    values = torch.randn(bh, t, d, generator=g, dtype=dtype)
+    queries = torch.nn.functional.normalize(torch.randn(bh, t, d, generator=g, dtype=dtype), dim=-1)
+    lr = 0.4 * torch.rand(bh, t, generator=g, dtype=dtype)
+    momentum = 0.9 * torch.rand(bh, t, generator=g, dtype=dtype) if with_momentum else None
+    decay = 0.3 * torch.rand(bh, t, generator=g, dtype=dtype) if with_decay else None
+    return keys, values, queries, lr, momentum, decay
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+CASES = list(itertools.product([1, 2, 3], [1, 2, 5, 8], [True, False], [True, False]))
+
+
+@pytest.mark.parametrize("depth,chunk,with_momentum,with_decay", CASES)
+def test_fast_path_equals_reference_float64(depth, chunk, with_momentum, with_decay):
+    memory = MLPMemory(dim=4, depth=depth, hidden=6)
+    params = memory.init_params(3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    inputs = make_inputs(with_momentum=with_momentum, with_decay=with_decay)
+    y, state = memory_scan(memory, params, *inputs, chunk_size=chunk)
+    y_ref, w_ref, s_ref = memory_scan_reference(memory, params, *inputs, chunk_size=chunk)
+    assert rel_err(y, y_ref) < 1e-10
+    weights = current_weights(memory, state)  # 13 tokens: the last chunk is partial unless chunk = 1
+    for name in w_ref:
+        assert rel_err(weights[name], w_ref[name]) < 1e-10
+
+
+@pytest.mark.parametrize("residual,activation", [(True, "silu"), (False, "gelu"), (False, "tanh")])
+def test_fast_path_residual_and_activations(residual, activation):
+    memory = MLPMemory(dim=4, depth=2, hidden=8, activation=activation, residual=residual)
+    params = memory.init_params(3, generator=torch.Generator().manual_seed(2), dtype=F64)
+    inputs = make_inputs(seed=3)
+    y, _ = memory_scan(memory, params, *inputs, chunk_size=4)
+    y_ref, _, _ = memory_scan_reference(memory, params, *inputs, chunk_size=4)
+    assert rel_err(y, y_ref) < 1e-10
+
+
+def test_general_path_for_any_memory_function():
+    """A memory that is not an MLPMemory (here with a bias and a layer norm) takes the torch.func path."""
+
+    def memory_fn(p, x):
+        h = torch.nn.functional.layer_norm(torch.tanh(x @ p["w"].transpose(-1, -2) + p["b"].unsqueeze(-2)), (4,))
+        return h @ p["u"].transpose(-1, -2)
+
+    g = torch.Generator().manual_seed(4)
+    params = {"w": torch.randn(3, 4, 4, generator=g, dtype=F64) / 2, "b": torch.randn(3, 4, generator=g, dtype=F64),
+              "u": torch.randn(3, 4, 4, generator=g, dtype=F64) / 2}
+    inputs = make_inputs(seed=5)
+    y, state = memory_scan(memory_fn, params, *inputs, chunk_size=5)
+    y_ref, w_ref, _ = memory_scan_reference(memory_fn, params, *inputs, chunk_size=5)
+    assert rel_err(y, y_ref) < 1e-10
+    assert rel_err(current_weights(memory_fn, state)["b"], w_ref["b"]) < 1e-10
+
+
+def test_chunk_size_one_is_the_plain_online_rule():
+    """Linear memory, written in closed form: grad ||W k - v||^2 = 2 (W k - v) k^T, taken at W_{t-1}."""
+    keys, values, queries, lr, momentum, decay = make_inputs(bh=2, t=9, seed=6)
+    W = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(7), dtype=F64)
+    y, _ = memory_scan(MLPMemory(dim=4, depth=1), {"w0": W}, keys, values, queries, lr, momentum, decay, chunk_size=1)
+    S = torch.zeros_like(W)
+    for t in range(9):
+        k, v = keys[:, t, :, None], values[:, t, :, None]
+        grad = 2 * (W @ k - v) @ k.transpose(1, 2)
+        S = momentum[:, t, None, None] * S - lr[:, t, None, None] * grad
+        W = (1 - decay[:, t, None, None]) * W + S
+        assert torch.allclose(y[:, t], (W @ queries[:, t, :, None]).squeeze(-1), rtol=0, atol=1e-12)
+
+
+def test_chunked_linear_memory_is_one_minibatch_step_per_chunk():
+    """Eq. 16-17 without momentum or forgetting: a chunk's end weights are W_c - sum_i theta_i grad l_i(W_c)."""
+    keys, values, queries, lr, _, _ = make_inputs(bh=2, t=6, seed=8)
+    W0 = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(9), dtype=F64)
+    _, state = memory_scan(MLPMemory(dim=4, depth=1), {"w0": W0}, keys, values, queries, lr, None, None, chunk_size=6)
+    residuals = W0 @ keys.transpose(1, 2) - values.transpose(1, 2)  # (BH, d, C), all at W_0
+    expected = W0 - 2 * (residuals * lr[:, None, :]) @ keys
+    assert torch.allclose(state.weights["w0"], expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("splits", [[8, 8, 4], [4, 12, 4], [3, 5, 1, 11], [1] * 20, [20]])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_streaming_in_pieces_equals_one_call(splits, depth):
+    """Pieces at chunk boundaries and anywhere else: the state keeps the partial chunk, so results are exact."""
+    memory = MLPMemory(dim=4, depth=depth, hidden=5)
+    params = memory.init_params(2, generator=torch.Generator().manual_seed(10), dtype=F64)
+    inputs = make_inputs(bh=2, t=20, seed=11)
+    y_whole, state_whole = memory_scan(memory, params, *inputs, chunk_size=4)
+    state, outs, start = None, [], 0
+    for n in splits:
+        piece = [None if x is None else x[:, start:start + n] for x in inputs]
+        y, state = memory_scan(memory, params, *piece, chunk_size=4, state=state)
+        outs.append(y)
+        start += n
+    assert rel_err(torch.cat(outs, dim=1), y_whole) < 1e-12
+    for name in params:
+        assert rel_err(state.weights[name], state_whole.weights[name]) < 1e-12
+        assert rel_err(state.momentum[name], state_whole.momentum[name]) < 1e-12
+
+
+def test_state_stays_bounded_while_streaming():
+    memory = MLPMemory(dim=4, depth=2, hidden=5)
+    params = memory.init_params(2, dtype=F64)
+    state = None
+    for step in range(25):
+        piece = make_inputs(bh=2, t=3, seed=step)
+        _, state = memory_scan(memory, params, *piece, chunk_size=8, state=state)
+        assert state.pending is None or len(state.pending) < 8
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 16])
+def test_retrieval_is_causal(chunk):
+    memory = MLPMemory(dim=4, depth=2, hidden=6)
+    params = memory.init_params(2, generator=torch.Generator().manual_seed(12), dtype=F64)
+    inputs = make_inputs(bh=2, t=16, seed=13)
+    y, _ = memory_scan(memory, params, *inputs, chunk_size=chunk)
+    for t in (1, 5, 9, 15):  # (at t = 0 the momentum gate multiplies S_0 = 0 and cannot matter)
+        for which in range(6):  # perturb token t of keys, values, queries, lr, momentum and decay in turn
+            changed = [x.clone() for x in inputs]
+            changed[which][:, t] += 0.1
+            y2, _ = memory_scan(memory, params, *changed, chunk_size=chunk)
+            assert torch.equal(y2[:, :t], y[:, :t]), f"token {t} leaked into earlier outputs (input {which})"
+            assert not torch.allclose(y2[:, t:], y[:, t:]), "a perturbation changed nothing: the test is vacuous"
+
+
+def test_outer_gradients_match_finite_differences():
+    memory = MLPMemory(dim=3, depth=2, hidden=4)
+    params = memory.init_params(2, generator=torch.Generator().manual_seed(14), dtype=F64)
+    keys, values, queries, lr, momentum, decay = make_inputs(bh=2, t=7, d=3, seed=15)
+    tensors = [params["w0"], params["w1"], keys, values, queries, lr, momentum, decay]
+    tensors = [t.clone().requires_grad_() for t in tensors]
+
+    def run(w0, w1, k, v, q, lr_, mom, dec):
+        y, state = memory_scan(memory, {"w0": w0, "w1": w1}, k, v, q, lr_, mom, dec, chunk_size=3)
+        return y, current_weights(memory, state)["w1"]
+
+    assert torch.autograd.gradcheck(run, tensors, eps=1e-6, atol=1e-6)
+
+
+def test_outer_gradients_match_the_reference():
+    memory = MLPMemory(dim=4, depth=3, hidden=6)
+    params = memory.init_params(3, generator=torch.Generator().manual_seed(16), dtype=F64)
+    inputs = [x.clone().requires_grad_() for x in make_inputs(seed=17)]
+    p1 = {k: v.clone().requires_grad_() for k, v in params.items()}
+    y, _ = memory_scan(memory, p1, *inputs, chunk_size=4)
+    grads = torch.autograd.grad(y.square().sum(), list(p1.values()) + inputs)
+    p2 = {k: v.clone().requires_grad_() for k, v in params.items()}
+    y_ref, _, _ = memory_scan_reference(memory, p2, *inputs, chunk_size=4)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), list(p2.values()) + inputs)
+    for a, b in zip(grads, grads_ref):
+        assert rel_err(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_memory_learns_at_test_time_and_forgetting_erases(depth):
+    """Store 64 random key->value pairs; recall error on those keys falls by a large factor; decay = 1 erases."""
+    g = torch.Generator().manual_seed(18)
+    d, n = 128, 64
+    memory = MLPMemory(dim=d, depth=depth, hidden=256)
+    params = memory.init_params(1, generator=g, dtype=F64)
+    keys = torch.nn.functional.normalize(torch.randn(1, n, d, generator=g, dtype=F64), dim=-1)
+    values = torch.nn.functional.normalize(torch.randn(1, n, d, generator=g, dtype=F64), dim=-1)
+    gate = lambda value: torch.full((1, n), value, dtype=F64)  # noqa: E731
+    state, error_before = None, ((memory(params, keys) - values) ** 2).mean()
+    for _ in range(4):  # four passes over the same pairs, all at test time
+        _, state = memory_scan(memory, params, keys, values, keys, gate(0.2), gate(0.5), gate(0.0), chunk_size=8,
+                               state=state)
+    error_after = ((memory_retrieve(memory, state, keys) - values) ** 2).mean()
+    assert error_after < error_before / 10
+    # one more token with alpha = 1: W <- 0 * W + S; with lr = 0 and no momentum the memory is wiped
+    _, erased = memory_scan(memory, params, keys[:, :1], values[:, :1], keys[:, :1], gate(0.0)[:, :1], None,
+                            gate(1.0)[:, :1], chunk_size=1, state=state)
+    assert all(w.abs().max() < 1e-300 for w in erased.weights.values())  # 0 up to the log-space floor
+    empty_error = (values**2).mean()
+    assert torch.isclose(((memory_retrieve(memory, erased, keys) - values) ** 2).mean(), empty_error)
+
+
+def test_bad_inputs_are_named():
+    memory = MLPMemory(dim=4, depth=1)
+    params = memory.init_params(2)
+    k = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="lr must have shape"):
+        memory_scan(memory, params, k, k, k, torch.rand(2, 4), None, None, chunk_size=2)
+    with pytest.raises(ValueError, match="disagree"):
+        memory_scan(memory, params, k, k[:, :3], k, torch.rand(2, 5), None, None, chunk_size=2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        memory_scan(memory, params, k, k, k, torch.rand(2, 5), None, None, chunk_size=0)
+    _, state = memory_scan(memory, params, k, k, k, torch.rand(2, 5), torch.rand(2, 5), None, chunk_size=2)
+    with pytest.raises(ValueError, match="momentum"):
+        memory_scan(memory, params, k, k, k, torch.rand(2, 5), None, None, chunk_size=2, state=state)
+    with pytest.raises(ValueError, match="depth"):
+        MLPMemory(dim=4, depth=0)
+    with pytest.raises(ValueError, match="activation"):
+        MLPMemory(dim=4, activation="swish2")
