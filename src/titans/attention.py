@@ -1,0 +1,237 @@
+"""Causal self-attention: full (Transformer baseline) and sliding-window (SWA, MAG/MAL branches).
+
+Both variants support learnable persistent-memory tokens (Titans, Section 3.3), rotary position embeddings and
+streaming: running a sequence whole or in pieces with the returned `AttentionState` carried gives the same output.
+Sliding-window attention is computed block-wise so that its memory is O(T * window), never O(T^2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al. 2021), "rotate-half" layout.
+
+    Channel i of the first half and channel i of the second half form a pair rotated by the angle
+    position * base^(-2i / head_dim). cos/sin are computed in float32 (float64 for float64 inputs) and cached.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim <= 0 or head_dim % 2:
+            raise ValueError(f"rotary head_dim must be a positive even number, got {head_dim}")
+        if base <= 1.0:
+            raise ValueError(f"rotary base must be > 1, got {base}")
+        self.head_dim = head_dim
+        self.base = base
+        self._cos: Tensor | None = None
+        self._sin: Tensor | None = None
+
+    def _angles(self, positions: Tensor) -> Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=positions.dtype)
+        inv_freq = self.base ** (-exponents / self.head_dim)
+        return positions[:, None] * inv_freq  # (T, head_dim / 2)
+
+    def _cached_cos_sin(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        cache = self._cos
+        if cache is None or cache.size(0) < length or cache.device != device or cache.dtype != dtype:
+            # Grow geometrically so token-by-token decoding does not recompute the table every step.
+            size = max(length, 2 * cache.size(0) if cache is not None else length)
+            angles = self._angles(torch.arange(size, device=device, dtype=dtype))
+            self._cos, self._sin = angles.cos(), angles.sin()
+        return self._cos[:length], self._sin[:length]
+
+    def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """Rotate x of shape (..., T, head_dim) for absolute positions offset .. offset + T - 1."""
+        if x.size(-1) != self.head_dim:
+            raise ValueError(f"expected last dimension {self.head_dim}, got shape {tuple(x.shape)}")
+        length = x.size(-2)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if isinstance(offset, Tensor):
+            if offset.numel() != 1:
+                raise ValueError(f"offset must be a scalar, got shape {tuple(offset.shape)}")
+            positions = offset.reshape(()).to(x.device, dtype) + torch.arange(length, device=x.device, dtype=dtype)
+            angles = self._angles(positions)
+            cos, sin = angles.cos(), angles.sin()
+        else:
+            if offset < 0:
+                raise ValueError(f"offset must be >= 0, got {offset}")
+            cos, sin = self._cached_cos_sin(offset + length, x.device, dtype)
+            cos, sin = cos[offset:], sin[offset:]
+        x1, x2 = x.to(dtype).chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return rotated.to(x.dtype)
+
+
+@dataclass
+class AttentionState:
+    """Streaming state of one attention layer.
+
+    keys, values: (B, heads, L, head_dim) cached keys (already rotated) and values of the most recent tokens:
+    all past tokens for full attention (a KV cache), at most window - 1 for sliding-window attention.
+    offset: number of tokens seen so far (the absolute position of the next token).
+    """
+
+    keys: Tensor
+    values: Tensor
+    offset: int
+
+    def detach(self) -> AttentionState:
+        """The same state cut from the autograd graph (truncated backpropagation through time)."""
+        return AttentionState(self.keys.detach(), self.values.detach(), self.offset)
+
+
+def attention_mask(
+    num_queries: int, num_past: int, window: int | None, num_persistent: int, device: torch.device | None = None
+) -> Tensor:
+    """Boolean mask (num_queries, num_persistent + num_past + num_queries); True means "may attend".
+
+    Keys are [persistent tokens] || [num_past earlier tokens] || [the queries' own tokens]. Query i sees every
+    persistent token and the tokens at distance 0 .. window - 1 before it (all earlier ones when window is None).
+    """
+    query_pos = torch.arange(num_queries, device=device)[:, None] + num_past
+    key_pos = torch.arange(num_past + num_queries, device=device)[None, :]
+    visible = key_pos <= query_pos
+    if window is not None:
+        visible &= key_pos > query_pos - window
+    persistent = torch.ones(num_queries, num_persistent, dtype=torch.bool, device=device)
+    return torch.cat((persistent, visible), dim=1)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, full (window=None) or sliding-window (window=W: position t sees t-W+1..t).
+
+    num_persistent learnable, input-independent tokens (Section 3.3) are projected with the same key/value
+    projections (without rotary position) and are visible to every query, whatever the window.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int | None = None,
+        window: int | None = None,
+        num_persistent: int = 0,
+        rope: bool = True,
+        qk_norm: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim <= 0 or heads <= 0:
+            raise ValueError(f"dim and heads must be positive, got dim={dim}, heads={heads}")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) when head_dim is not given")
+            head_dim = dim // heads
+        if head_dim <= 0:
+            raise ValueError(f"head_dim must be positive, got {head_dim}")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 or None, got {window}")
+        if num_persistent < 0:
+            raise ValueError(f"num_persistent must be >= 0, got {num_persistent}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dim, self.heads, self.head_dim = dim, heads, head_dim
+        self.window = window
+        self.num_persistent = num_persistent
+        self.dropout = dropout
+
+        inner = heads * head_dim
+        self.query = nn.Linear(dim, inner, bias=False)
+        self.key = nn.Linear(dim, inner, bias=False)
+        self.value = nn.Linear(dim, inner, bias=False)
+        self.out = nn.Linear(inner, dim, bias=False)
+        self.out_dropout = nn.Dropout(dropout)
+        self.rotary = RotaryEmbedding(head_dim) if rope else None
+        self.query_norm = nn.RMSNorm(head_dim) if qk_norm else None
+        self.key_norm = nn.RMSNorm(head_dim) if qk_norm else None
+        # Persistent memory (Section 3.3): tokens in input space, at the scale of a normalised input.
+        self.persistent = nn.Parameter(torch.randn(num_persistent, dim)) if num_persistent else None
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(..., T, heads * head_dim) -> (..., heads, T, head_dim)."""
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(-3, -2)
+
+    def _persistent_keys_values(self, batch: int) -> tuple[Tensor, Tensor] | tuple[None, None]:
+        if self.persistent is None:
+            return None, None
+        keys, values = self._heads(self.key(self.persistent)), self._heads(self.value(self.persistent))
+        if self.key_norm is not None:
+            keys = self.key_norm(keys)
+        return keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, pk: Tensor | None, pv: Tensor | None, num_past: int) -> Tensor:
+        """Attention of q (..., Tq, D) over [pk] || k (..., num_past + Tq, D) with the causal (banded) mask."""
+        dropout = self.dropout if self.training else 0.0
+        num_queries = q.size(-2)
+        within_window = self.window is None or num_queries <= self.window
+        if pk is None and num_past == 0 and within_window:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        if pk is not None:
+            k, v = torch.cat((pk, k), dim=-2), torch.cat((pv, v), dim=-2)
+        mask = attention_mask(num_queries, num_past, self.window, self.num_persistent, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+    def _attend_blockwise(
+        self, q: Tensor, k: Tensor, v: Tensor, pk: Tensor | None, pv: Tensor | None, num_past: int
+    ) -> Tensor:
+        """Sliding-window attention in query blocks of `window` tokens, so memory is O(T * window).
+
+        The first block sees the cached past; query block j >= 1 sees only the current key blocks j - 1 and j.
+        The last block is zero-padded: padded keys are visible only to padded queries, which are dropped.
+        """
+        w = self.window
+        batch, _, length, _ = q.shape
+        first = self._attend(q[:, :, :w], k[:, :, : num_past + w], v[:, :, : num_past + w], pk, pv, num_past)
+
+        num_blocks = -(-length // w)
+        pad = num_blocks * w - length
+
+        def blocks(t: Tensor) -> Tensor:  # (B, H, T, D) -> (B, num_blocks, H, w, D)
+            return F.pad(t, (0, 0, 0, pad)).unflatten(2, (num_blocks, w)).transpose(1, 2)
+
+        queries = blocks(q)[:, 1:]
+        key_blocks, value_blocks = blocks(k[:, :, num_past:]), blocks(v[:, :, num_past:])
+        keys = torch.cat((key_blocks[:, :-1], key_blocks[:, 1:]), dim=3)  # (B, num_blocks - 1, H, 2w, D)
+        values = torch.cat((value_blocks[:, :-1], value_blocks[:, 1:]), dim=3)
+        if pk is not None:
+            pk = pk[:, None].expand(-1, num_blocks - 1, -1, -1, -1).flatten(0, 1)
+            pv = pv[:, None].expand(-1, num_blocks - 1, -1, -1, -1).flatten(0, 1)
+        rest = self._attend(queries.flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1), pk, pv, num_past=w)
+        rest = rest.unflatten(0, (batch, num_blocks - 1)).transpose(1, 2).flatten(2, 3)[:, :, : length - w]
+        return torch.cat((first, rest), dim=2)
+
+    def forward(self, x: Tensor, state: AttentionState | None = None) -> tuple[Tensor, AttentionState]:
+        """x: (B, T, dim) -> (y: (B, T, dim), the state after these T tokens)."""
+        if x.dim() != 3 or x.size(-1) != self.dim:
+            raise ValueError(f"expected input of shape (B, T, {self.dim}), got {tuple(x.shape)}")
+        batch, length, _ = x.shape
+        offset = 0 if state is None else state.offset
+        if state is not None and state.keys.size(0) != batch:
+            raise ValueError(f"state batch size {state.keys.size(0)} does not match input batch size {batch}")
+
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        if self.query_norm is not None:
+            q, k = self.query_norm(q), self.key_norm(k)
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        if state is not None:
+            k, v = torch.cat((state.keys, k), dim=2), torch.cat((state.values, v), dim=2)
+        num_past = k.size(2) - length
+        pk, pv = self._persistent_keys_values(batch)
+
+        if self.window is None or length <= self.window:
+            y = self._attend(q, k, v, pk, pv, num_past)
+        else:
+            y = self._attend_blockwise(q, k, v, pk, pv, num_past)
+        y = self.out_dropout(self.out(y.transpose(1, 2).flatten(2)))
+
+        if self.window is not None:  # keep only what the next tokens can see; clone frees the longer buffer
+            keep = min(self.window - 1, k.size(2))
+            k, v = k[:, :, k.size(2) - keep :].clone(), v[:, :, v.size(2) - keep :].clone()
+        return y, AttentionState(keys=k, values=v, offset=offset + length)
