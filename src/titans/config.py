@@ -1,0 +1,467 @@
+"""Strict, typed run configuration loaded from YAML.
+
+Configs are plain dataclasses. :func:`from_dict` builds one from a mapping and validates every key
+and value: an unknown key is an error naming the full dotted key and the nearest valid one, a wrong
+type names the key, the expected type and the value found. ``--set key.sub=value`` overrides go
+through :func:`apply_overrides`.
+
+The model section's dataclass lives in :mod:`titans.model`; :class:`RunConfig` resolves it lazily
+(see :func:`register_model_config`) so that this module does not import the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_yaml",
+    "model_config_class",
+    "register_model_config",
+    "save_yaml",
+    "to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: unknown key, wrong type or out-of-range value."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The model section: resolved at call time.
+
+_model_config_class: type | None = None
+
+
+def register_model_config(cls: type) -> type:
+    """Make ``cls`` (a dataclass) the type of :attr:`RunConfig.model`. Usable as a decorator."""
+    if not dataclasses.is_dataclass(cls) or not isinstance(cls, type):
+        raise TypeError(f"register_model_config expects a dataclass type, got {cls!r}")
+    global _model_config_class
+    _model_config_class = cls
+    return cls
+
+
+def model_config_class() -> type:
+    """The dataclass of the ``model`` section: the registered one, else ``titans.model.TitansConfig``."""
+    if _model_config_class is not None:
+        return _model_config_class
+    try:
+        from titans.model import TitansConfig  # imported here: titans.model may import this module
+    except ImportError as exc:
+        raise ConfigError(
+            "no model config class: register one with titans.config.register_model_config(cls)"
+        ) from exc
+    return TitansConfig
+
+
+def _field_type(cls: type, field: dataclasses.Field) -> Any:
+    """A field's type; a field with ``metadata={"type": callable}`` is resolved by calling it."""
+    resolver = field.metadata.get("type")
+    if resolver is not None:
+        return resolver()
+    return typing.get_type_hints(cls)[field.name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Run-level sections.
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay (see :mod:`titans.optim`)."""
+
+    lr: float = 3e-4
+    """Peak learning rate, reached at the end of warmup."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices; biases, norms, embeddings and 1-D parameters get none."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear warmup from lr/warmup_steps to lr."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to min_lr_ratio * lr at the last step."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value; null disables clipping."""
+    grad_accum: int = 1
+    """Micro-batches whose gradients are accumulated per optimizer step."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "lr", "must be > 0", self.lr)
+        _check(all(0 <= b < 1 for b in self.betas), "betas", "must lie in [0, 1)", self.betas)
+        _check(self.eps > 0, "eps", "must be > 0", self.eps)
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", self.warmup_steps)
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must lie in [0, 1]", self.min_lr_ratio)
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0 or null", self.grad_clip)
+        _check(self.grad_accum >= 1, "grad_accum", "must be >= 1", self.grad_accum)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 1000
+    """Optimizer steps to train for."""
+    batch_size: int = 8
+    """Sequences per micro-batch summed over all processes (each of N ranks gets batch_size / N)."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    eval_every: int = 200
+    """Evaluate every this many optimizer steps (0: only at the end)."""
+    eval_batches: int = 8
+    """Held-out batches per periodic evaluation."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every this many optimizer steps (0: only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept in the run directory; older ones are deleted."""
+    seed: int = 0
+    """Seed of the Python, NumPy and torch generators."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision; fp16 also uses a gradient scaler. Falls back to fp32 where unsupported."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto picks CUDA when available."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    activation_checkpointing: bool = False
+    """Recompute activations per memory chunk in the backward pass to save memory."""
+    tbptt_segments: int = 1
+    """Split each sequence into this many segments fed in turn, carrying the memory state forward."""
+    tbptt_horizon: int | None = None
+    """Gradients flow back through at most this many segments (state detached between); null: all."""
+    log_every: int = 10
+    """Write training metrics every this many optimizer steps."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep_last", "tbptt_segments", "log_every"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        for name in ("eval_every", "checkpoint_every"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        _check(
+            self.seq_len % self.tbptt_segments == 0,
+            "seq_len",
+            f"must be divisible by tbptt_segments={self.tbptt_segments}",
+            self.seq_len,
+        )
+        _check(self.tbptt_horizon is None or self.tbptt_horizon >= 1, "tbptt_horizon", "must be >= 1 or null",
+               self.tbptt_horizon)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where training and evaluation sequences come from."""
+
+    task: Literal["copy", "pattern", "needle", "recall", "text"] = "copy"
+    """A synthetic task (copy, pattern, needle, recall) or real-text language modelling (text)."""
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Keyword arguments of the task's dataset."""
+    data_dir: str | None = None
+    """Directory of prepared data (text task); null: the default cache."""
+    tokenizer: str = "byte"
+    """Tokenizer name or path to a tokenizer file."""
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluation after training and by the eval / niah subcommands."""
+
+    batch_size: int = 8
+    """Sequences per evaluation batch."""
+    samples: int = 64
+    """Examples per task, context length or needle-grid cell."""
+    lengths: tuple[int, ...] = (256, 512, 1024, 2048)
+    """Context lengths of accuracy-versus-length and the needle grid."""
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    """Needle depths as fractions of the context (0: start, 1: end)."""
+    chunk_len: int = 1024
+    """Long contexts stream through the model state in pieces of this many tokens."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "samples", "chunk_len"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        _check(len(self.lengths) > 0 and all(n >= 1 for n in self.lengths), "lengths",
+               "must be a non-empty list of positive ints", self.lengths)
+        _check(all(0 <= d <= 1 for d in self.depths), "depths", "must lie in [0, 1]", self.depths)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """One run: model, data, optimizer, training loop and evaluation."""
+
+    model: Any = dataclasses.field(metadata={"type": model_config_class})
+    """The model (``titans.model.TitansConfig`` unless another class is registered)."""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    name: str = "run"
+    """Run name, used for the run directory."""
+
+
+class _FieldError(ConfigError):
+    """A value rejected by a section's ``__post_init__``; :func:`from_dict` adds the dotted prefix."""
+
+    def __init__(self, key: str, problem: str, value: Any):
+        super().__init__(f"'{key}' {problem}, got {value!r}")
+        self.key, self.problem, self.value = key, problem, value
+
+
+def _check(ok: bool, key: str, problem: str, value: Any) -> None:
+    if not ok:
+        raise _FieldError(key, problem, value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dict <-> dataclass.
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _unknown_key(path: str, key: Any, valid: list[str]) -> ConfigError:
+    full = _join(path, str(key))
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    if close:
+        hint = f"did you mean '{_join(path, close[0])}'?"
+    else:
+        hint = f"valid keys: {', '.join(valid) or 'none'}"
+    return ConfigError(f"unknown key '{full}' ({hint})")
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _wrong_type(path: str, tp: Any, value: Any) -> ConfigError:
+    return ConfigError(
+        f"wrong type for '{path}': expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+    )
+
+
+def from_dict(cls: type, data: Mapping, path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, validating every key and value.
+
+    ``path`` is the dotted prefix used in error messages. Missing keys take the field's default.
+    Raises :class:`ConfigError` for unknown keys, missing required keys, wrong types and values
+    rejected by the dataclass (its ``__post_init__``).
+    """
+    if not isinstance(data, Mapping):
+        raise _wrong_type(path or "<config>", cls, data)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            raise _unknown_key(path, key, list(fields))
+    kwargs = {}
+    for name, field in fields.items():
+        key = _join(path, name)
+        if name in data:
+            kwargs[name] = _convert(_field_type(cls, field), data[name], key)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{key}'")
+    try:
+        return cls(**kwargs)
+    except _FieldError as exc:
+        raise ConfigError(f"'{_join(path, exc.key)}' {exc.problem}, got {exc.value!r}") from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid '{path or cls.__name__}': {exc}") from None
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against type ``tp`` and convert it (lists to tuples, ints to floats...)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(errors) == 1:  # Optional[X]: report X's own error
+            raise errors[0]
+        raise _wrong_type(path, tp, value)
+    if origin is Literal:
+        if value not in args or type(value) not in {type(a) for a in args}:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"invalid value for '{path}': expected one of {allowed}, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _wrong_type(path, tp, value)
+    if tp in (int, bool, str):
+        if type(value) is not tp:  # no bool-as-int, no int-as-str
+            raise _wrong_type(path, tp, value)
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_type(path, tp, value)
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ConfigError(
+                    f"wrong length for '{path}': expected {len(args)} items, got {len(value)} ({value!r})"
+                )
+            items = [_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
+        else:
+            item_type = args[0] if args else Any
+            items = [_convert(item_type, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise _wrong_type(path, tp, value)
+        key_type, value_type = args if args else (Any, Any)
+        return {
+            _convert(key_type, k, f"{path}.{k}"): _convert(value_type, v, f"{path}.{k}") for k, v in value.items()
+        }
+    raise TypeError(f"unsupported config field type {tp!r} at '{path}'")
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass (recursively) as plain dicts, lists and scalars, ready for YAML or JSON."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML.
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML loader that also reads ``1e-3`` as a float (YAML 1.2 rule; PyYAML reads a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML in {source}: {exc}") from None
+
+
+def load_yaml(path: str | Path, cls: type) -> Any:
+    """Read a YAML file and build dataclass ``cls`` from it (see :func:`from_dict`)."""
+    path = Path(path)
+    data = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if data is None:
+        data = {}
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def save_yaml(obj: Any, path: str | Path) -> None:
+    """Write a dataclass as YAML atomically (temp file, fsync, rename)."""
+    from titans.checkpoint import atomic_write
+
+    text = yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=None)
+    atomic_write(path, text.encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------
+# --set key.sub=value overrides.
+
+
+def _is_open_mapping(tp: Any) -> bool:
+    """Whether a field accepts arbitrary sub-keys (a dict or Any)."""
+    return tp is Any or tp is dict or typing.get_origin(tp) is dict
+
+
+def _section_type(tp: Any) -> Any:
+    """The dataclass inside ``tp`` (``X`` or ``Optional[X]``), else ``tp``."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if len(inner) == 1:
+            return inner[0]
+    return tp
+
+
+def apply_overrides(data: Mapping, overrides: list[str], cls: type = RunConfig) -> dict:
+    """Return a copy of ``data`` with ``key.sub=value`` overrides applied.
+
+    The value is parsed as a YAML scalar or flow list/mapping (``lr=1e-3``, ``betas=[0.9,0.99]``).
+    Keys are checked against dataclass ``cls``: an unknown key raises :class:`ConfigError` naming
+    the nearest valid one. Types are validated when the result goes through :func:`from_dict`.
+    """
+    result = to_dict(dict(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"invalid override {item!r}: expected key.sub=value")
+        parts = key.split(".")
+        if any(not p for p in parts):
+            raise ConfigError(f"invalid override {item!r}: empty key component")
+        _check_override_key(cls, parts)
+        node = result
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"cannot set '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = _parse_yaml(raw, f"override {item!r}")
+    return result
+
+
+def _check_override_key(cls: type, parts: list[str]) -> None:
+    tp: Any = cls
+    for i, part in enumerate(parts):
+        path = ".".join(parts[:i])
+        if _is_open_mapping(tp):
+            return
+        tp = _section_type(tp)
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"cannot set '{'.'.join(parts)}': '{path}' is not a section")
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        if part not in fields:
+            raise _unknown_key(path, part, list(fields))
+        tp = _field_type(tp, fields[part])

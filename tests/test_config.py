@@ -1,0 +1,166 @@
+"""Typed config loading: validation errors, nested sections, overrides and YAML round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import pytest
+
+from titans import config as config_module
+from titans.config import (
+    ConfigError,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    register_model_config,
+    save_yaml,
+    to_dict,
+)
+
+
+@dataclasses.dataclass
+class StandInModel:
+    """Stands in for titans.model.TitansConfig."""
+
+    dim: int = 64
+    heads: int = 4
+    variant: Literal["mac", "mag", "mal"] = "mac"
+    dropout: float = 0.0
+    window: Optional[int] = None
+    chunk_sizes: tuple[int, ...] = (8, 16)
+
+
+@pytest.fixture(autouse=True)
+def stand_in_model(monkeypatch):
+    monkeypatch.setattr(config_module, "_model_config_class", None)
+    register_model_config(StandInModel)
+
+
+def test_defaults_and_nested_sections():
+    cfg = from_dict(RunConfig, {"model": {"heads": 8}, "optim": {"lr": 1e-3}, "name": "x"})
+    assert cfg.model == StandInModel(heads=8)
+    assert cfg.optim == OptimConfig(lr=1e-3)
+    assert cfg.train == TrainConfig()
+    assert cfg.name == "x"
+
+
+def test_unknown_key_names_full_path_and_nearest():
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.hedas' \(did you mean 'model\.heads'\?\)"):
+        from_dict(RunConfig, {"model": {"hedas": 8}})
+    with pytest.raises(ConfigError, match=r"unknown key 'trian' \(did you mean 'train'\?\)"):
+        from_dict(RunConfig, {"model": {}, "trian": {}})
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.zzz' \(valid keys: steps, batch_size"):
+        from_dict(RunConfig, {"model": {}, "train": {"zzz": 1}})
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"train": {"steps": "10"}}, r"'train\.steps': expected int, got str '10'"),
+        ({"train": {"steps": 1.5}}, r"'train\.steps': expected int, got float 1\.5"),
+        ({"train": {"compile": 1}}, r"'train\.compile': expected bool, got int 1"),
+        ({"optim": {"lr": True}}, r"'optim\.lr': expected float, got bool True"),
+        ({"optim": {"betas": [0.9]}}, r"'optim\.betas': expected 2 items, got 1"),
+        ({"optim": {"betas": [0.9, "a"]}}, r"'optim\.betas\[1\]': expected float, got str 'a'"),
+        ({"train": {"precision": "fp8"}}, r"'train\.precision': expected one of 'fp32', 'bf16', 'fp16', got 'fp8'"),
+        ({"model": {"window": "big"}}, r"'model\.window': expected int, got str 'big'"),
+        ({"data": {"kwargs": [1]}}, r"'data\.kwargs': expected dict"),
+        ({"train": 5}, r"'train': expected TrainConfig, got int 5"),
+    ],
+)
+def test_wrong_types_name_key_expected_and_got(data, message):
+    data = {"model": {}, **data}
+    with pytest.raises(ConfigError, match=message):
+        from_dict(RunConfig, data)
+
+
+def test_value_conversions():
+    cfg = from_dict(RunConfig, {"model": {"dropout": 0, "window": 128, "chunk_sizes": [4, 8, 32]},
+                                "optim": {"betas": [0, 0.5]}, "train": {"tbptt_horizon": None}})
+    assert cfg.model.dropout == 0.0 and isinstance(cfg.model.dropout, float)
+    assert cfg.model.window == 128
+    assert cfg.model.chunk_sizes == (4, 8, 32)
+    assert cfg.optim.betas == (0.0, 0.5) and all(isinstance(b, float) for b in cfg.optim.betas)
+
+
+def test_range_checks_name_the_dotted_key():
+    with pytest.raises(ConfigError, match=r"'optim\.lr' must be > 0, got -1\.0"):
+        from_dict(RunConfig, {"model": {}, "optim": {"lr": -1}})
+    with pytest.raises(ConfigError, match=r"'train\.seq_len' must be divisible by tbptt_segments=3"):
+        from_dict(RunConfig, {"model": {}, "train": {"seq_len": 256, "tbptt_segments": 3}})
+
+
+def test_missing_required_model_section():
+    with pytest.raises(ConfigError, match="missing required key 'model'"):
+        from_dict(RunConfig, {})
+
+
+def test_model_class_resolved_at_call_time():
+    @dataclasses.dataclass
+    class OtherModel:
+        layers: int = 2
+
+    register_model_config(OtherModel)
+    assert from_dict(RunConfig, {"model": {"layers": 3}}).model == OtherModel(layers=3)
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.heads'"):
+        from_dict(RunConfig, {"model": {"heads": 3}})
+
+
+def test_overrides_set_nested_values_parsed_as_yaml():
+    data = {"model": {"heads": 4}, "optim": {"lr": 0.1}}
+    out = apply_overrides(data, ["model.heads=8", "optim.lr=1e-3", "optim.betas=[0.8, 0.9]",
+                                 "train.precision=bf16", "model.window=null", "data.kwargs.n_keys=5"])
+    assert data == {"model": {"heads": 4}, "optim": {"lr": 0.1}}  # input untouched
+    cfg = from_dict(RunConfig, out)
+    assert cfg.model.heads == 8
+    assert cfg.optim.lr == 1e-3
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.train.precision == "bf16"
+    assert cfg.model.window is None
+    assert cfg.data.kwargs == {"n_keys": 5}
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match=r"unknown key 'model\.hedas' \(did you mean 'model\.heads'\?\)"):
+        apply_overrides({}, ["model.hedas=8"])
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.lrr' \(did you mean 'optim\.lr'\?\)"):
+        apply_overrides({}, ["optim.lrr=8"])
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        apply_overrides({}, ["model.heads"])
+    with pytest.raises(ConfigError, match=r"'train\.steps' is not a section"):
+        apply_overrides({}, ["train.steps.x=1"])
+
+
+def test_yaml_round_trip_and_scientific_floats(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  heads: 2\noptim:\n  lr: 3e-4\n  weight_decay: 1E-2\ntrain:\n  steps: 7\n")
+    cfg = load_yaml(path, RunConfig)
+    assert cfg.optim.lr == 3e-4 and cfg.optim.weight_decay == 0.01
+    assert cfg.train.steps == 7 and cfg.model.heads == 2
+    out = tmp_path / "sub" / "resolved.yaml"
+    save_yaml(cfg, out)
+    assert load_yaml(out, RunConfig) == cfg
+    assert [p.name for p in out.parent.iterdir()] == ["resolved.yaml"]  # no temp file left behind
+
+
+def test_load_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  hedas: 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'model\.hedas'"):
+        load_yaml(path, RunConfig)
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_yaml(path, RunConfig)
+
+
+def test_to_dict_is_plain_data():
+    cfg = from_dict(RunConfig, {"model": {}})
+    data = to_dict(cfg)
+    assert data["optim"]["betas"] == [0.9, 0.95]
+    assert data["model"] == {"dim": 64, "heads": 4, "variant": "mac", "dropout": 0.0, "window": None,
+                             "chunk_sizes": [8, 16]}
+    assert from_dict(RunConfig, data) == cfg
