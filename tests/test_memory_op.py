@@ -207,3 +207,18 @@ def test_bad_inputs_are_named():
         MLPMemory(dim=4, depth=0)
     with pytest.raises(ValueError, match="activation"):
         MLPMemory(dim=4, activation="swish2")
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_gradient_clipping_matches_reference(depth):
+    """With max_grad_norm every token's surprise is clipped; fast path, general path and reference agree."""
+    memory = MLPMemory(dim=4, depth=depth, hidden=6)
+    params = memory.init_params(3, generator=torch.Generator().manual_seed(19), dtype=F64)
+    inputs = make_inputs(seed=20)
+    y, state = memory_scan(memory, params, *inputs, chunk_size=4, max_grad_norm=0.5)
+    y_general, _ = memory_scan(lambda p, x: memory(p, x), params, *inputs, chunk_size=4, max_grad_norm=0.5)
+    y_ref, w_ref, _ = memory_scan_reference(memory, params, *inputs, chunk_size=4, max_grad_norm=0.5)
+    y_unclipped, _ = memory_scan(memory, params, *inputs, chunk_size=4)
+    assert rel_err(y, y_ref) < 1e-10 and rel_err(y_general, y_ref) < 1e-10
+    assert rel_err(current_weights(memory, state, max_grad_norm=0.5)["w0"], w_ref["w0"]) < 1e-10
+    assert rel_err(y_unclipped, y_ref) > 1e-3, "clipping was never active: the test is vacuous"

@@ -108,25 +108,44 @@ class ChunkCoefficients:
     c: Tensor  # weight of S_c in W_i
     e: Tensor  # weight of S_c in S_i
 
-    @classmethod
-    def build(cls, lr: Tensor, momentum: Tensor | None, decay: Tensor | None) -> "ChunkCoefficients":
-        n = lr.shape[-1]
-        if momentum is None:  # S_i = -theta_i G_i
-            Q, e = torch.diag_embed(lr), torch.zeros_like(lr)
-        else:
-            eta_products, e = _decay_products(momentum)
-            Q = eta_products * lr.unsqueeze(-2)
-        if decay is None:
-            P = torch.ones(n, n, dtype=lr.dtype, device=lr.device).tril().expand(*lr.shape, n)
-            b = torch.ones_like(lr)
-        else:
-            P, b = _decay_products(1 - decay)
-        return cls(A=P @ Q, Q=Q, b=b, c=(P @ e.unsqueeze(-1)).squeeze(-1), e=e)
-
     def last_row(self) -> "ChunkCoefficients":
         """Coefficients of the chunk's last token, keeping a row axis of size 1: A, Q (BH, 1, C); b, c, e (BH, 1)."""
         return ChunkCoefficients(self.A[..., -1:, :], self.Q[..., -1:, :], self.b[..., -1:], self.c[..., -1:],
                                  self.e[..., -1:])
+
+
+@dataclass
+class GateProducts:
+    """The step-size-free part of the coefficients, built for all chunks at once: P, b from the forgetting gate,
+    the eta products and E from the momentum gate (None: that gate is off)."""
+
+    P: Tensor
+    b: Tensor
+    eta: Tensor | None
+    e: Tensor
+
+    @classmethod
+    def build(cls, momentum: Tensor | None, decay: Tensor | None, like: Tensor) -> "GateProducts":
+        n = like.shape[-1]
+        if decay is None:
+            P = torch.ones(n, n, dtype=like.dtype, device=like.device).tril().expand(*like.shape, n)
+            b = torch.ones_like(like)
+        else:
+            P, b = _decay_products(1 - decay)
+        eta, e = (None, torch.zeros_like(like)) if momentum is None else _decay_products(momentum)
+        return cls(P, b, eta, e)
+
+    def chunk(self, c: int) -> "GateProducts":
+        return GateProducts(self.P[:, c], self.b[:, c], None if self.eta is None else self.eta[:, c], self.e[:, c])
+
+    def coefficients(self, lr: Tensor) -> ChunkCoefficients:
+        Q = torch.diag_embed(lr) if self.eta is None else self.eta * lr.unsqueeze(-2)  # no momentum: S_i = -theta_i G_i
+        return ChunkCoefficients(A=self.P @ Q, Q=Q, b=self.b, c=(self.P @ self.e.unsqueeze(-1)).squeeze(-1), e=self.e)
+
+
+def _clip_scale(squared_norms: Tensor, max_norm: float) -> Tensor:
+    """Per-token factor min(1, max_norm / ||grad||): bounds every surprise step, so the memory cannot blow up."""
+    return (max_norm / squared_norms.clamp(min=torch.finfo(squared_norms.dtype).tiny).sqrt()).clamp(max=1)
 
 
 # --------------------------------------------------------------------------------------------- MLP fast path
@@ -148,6 +167,11 @@ def _inner_gradient_factors(memory: MLPMemory, W: Params, keys: Tensor, values: 
         back = deltas[0] @ W[memory.names[i + 1]]
         deltas.insert(0, back * memory.act.derivative(pre_activations[i]))
     return inputs, deltas
+
+
+def _squared_gradient_norms(inputs, deltas) -> Tensor:
+    """||grad_W l_j||^2 over all layers for every token: the gradients are rank one, so ||delta z^T|| = |delta| |z|."""
+    return sum(d.square().sum(-1) * z.square().sum(-1) for z, d in zip(inputs, deltas))
 
 
 def _retrieve_in_chunk(memory: MLPMemory, W: Params, S: Params, queries: Tensor, inputs, deltas,
@@ -244,7 +268,7 @@ def _cat_pending(pending: PendingTokens | None, name: str, new: Tensor | None) -
 
 def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tensor, queries: Tensor, lr: Tensor,
                 momentum: Tensor | None, decay: Tensor | None, chunk_size: int,
-                state: MemoryState | None = None) -> tuple[Tensor, MemoryState]:
+                state: MemoryState | None = None, max_grad_norm: float | None = None) -> tuple[Tensor, MemoryState]:
     """Store (keys, values) into the memory and read it with `queries`, token by token, with chunked gradients.
 
     memory_fn: f(params, x), a pure function of batched params (BH, ...) and inputs (BH, N, d), rows independent; an
@@ -253,6 +277,8 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
     params: the initial weights M_0 (dict of (BH, ...) tensors), used when `state` is None.
     keys, values, queries: (BH, T, d). lr (theta, >= 0), momentum (eta in [0, 1), None: no momentum) and decay (alpha in
         [0, 1], None: no forgetting): (BH, T).
+    max_grad_norm: if set, each token's surprise gradient is scaled to norm <= max_grad_norm (a stabiliser that is
+        not in the paper; None gives the paper's rule exactly).
     Returns the retrievals y_t = f(W_t, q_t) of shape (BH, T, d_v) and the state after the last token.
     """
     _check_inputs(keys, values, queries, lr, momentum, decay, chunk_size)
@@ -277,23 +303,27 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
         x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, padding))
         return x.reshape(bh, n_chunks, chunk_size, *x.shape[2:])
 
-    coefficients = ChunkCoefficients.build(chunked(lr), chunked(momentum), chunked(decay))
-    ks, vs, qs = chunked(keys), chunked(values), chunked(queries)
+    products = GateProducts.build(chunked(momentum), chunked(decay), like=chunked(lr))
+    ks, vs, qs, lrs = chunked(keys), chunked(values), chunked(queries), chunked(lr)
     fast = isinstance(memory_fn, MLPMemory)
     W, S = state.weights, state.momentum
     outputs = []
     for c in range(n_chunks):
-        co = ChunkCoefficients(*(getattr(coefficients, f)[:, c] for f in ("A", "Q", "b", "c", "e")))
         complete = c < n_chunks - 1 or padding == 0
         if fast:
             inputs, deltas = _inner_gradient_factors(memory_fn, W, ks[:, c], vs[:, c])
+            squared_norms = _squared_gradient_norms(inputs, deltas) if max_grad_norm is not None else None
+        else:
+            grads = _per_token_grads(memory_fn, W, ks[:, c], vs[:, c])
+            squared_norms = sum(g.flatten(2).square().sum(-1) for g in grads.values())
+        step = lrs[:, c] if max_grad_norm is None else lrs[:, c] * _clip_scale(squared_norms, max_grad_norm)
+        co = products.chunk(c).coefficients(step)
+        if fast:
             outputs.append(_retrieve_in_chunk(memory_fn, W, S, qs[:, c], inputs, deltas, co, momentum is not None))
             if complete:
                 W, S = _advance(memory_fn, W, S, inputs, deltas, co.last_row())
         else:
-            grads = _per_token_grads(memory_fn, W, ks[:, c], vs[:, c])
-            per_token = _weights_at(co, W, S, grads)
-            outputs.append(_read_per_token(memory_fn, per_token, qs[:, c]))
+            outputs.append(_read_per_token(memory_fn, _weights_at(co, W, S, grads), qs[:, c]))
             if complete:
                 end = co.last_row()
                 W, S = {k: w.squeeze(1) for k, w in _weights_at(end, W, S, grads).items()}, _momentum_at_end(end, S, grads)
@@ -307,7 +337,7 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
     return retrieved, MemoryState(W, S, new_pending)
 
 
-def current_weights(memory_fn: MemoryFn, state: MemoryState) -> Params:
+def current_weights(memory_fn: MemoryFn, state: MemoryState, max_grad_norm: float | None = None) -> Params:
     """The weights after the last token seen, W_t (folds the pending tokens in; the state itself is unchanged)."""
     pending = state.pending
     if pending is None:
@@ -315,10 +345,11 @@ def current_weights(memory_fn: MemoryFn, state: MemoryState) -> Params:
     p = len(pending)
     _, advanced = memory_scan(memory_fn, state.weights, pending.keys, pending.values, pending.keys, pending.lr,
                               pending.momentum, pending.decay, chunk_size=p,
-                              state=replace(state, pending=None))
+                              state=replace(state, pending=None), max_grad_norm=max_grad_norm)
     return advanced.weights
 
 
-def memory_retrieve(memory_fn: MemoryFn, state: MemoryState, queries: Tensor) -> Tensor:
+def memory_retrieve(memory_fn: MemoryFn, state: MemoryState, queries: Tensor,
+                    max_grad_norm: float | None = None) -> Tensor:
     """y = f(W_t, q) for every query with the current weights: a read that stores nothing (M* in the paper)."""
-    return memory_fn(current_weights(memory_fn, state), queries)
+    return memory_fn(current_weights(memory_fn, state, max_grad_norm), queries)

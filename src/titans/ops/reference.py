@@ -11,7 +11,7 @@ from .memory_scan import MemoryFn, Params
 
 def memory_scan_reference(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tensor, queries: Tensor,
                           lr: Tensor, momentum: Tensor | None, decay: Tensor | None,
-                          chunk_size: int) -> tuple[Tensor, Params, Params]:
+                          chunk_size: int, max_grad_norm: float | None = None) -> tuple[Tensor, Params, Params]:
     """Token-by-token memory_scan from the initial weights. Returns (retrieved, final weights, final momentum).
     Differentiable: the inner gradients come from torch.func.grad, which composes with the outer autograd."""
     def inner_loss(weights: Params, k: Tensor, v: Tensor) -> Tensor:  # Eq. 12, summed over the independent BH rows
@@ -24,6 +24,10 @@ def memory_scan_reference(memory_fn: MemoryFn, params: Params, keys: Tensor, val
         if t % chunk_size == 0:
             W_chunk = dict(W)  # Eq. 16: every token of the chunk takes its gradient at the chunk-start weights
         grads = torch.func.grad(inner_loss)(W_chunk, keys[:, t:t + 1], values[:, t:t + 1])
+        if max_grad_norm is not None:  # per-token clipping of the whole surprise gradient
+            norm = sum(g.flatten(1).square().sum(1) for g in grads.values()).sqrt()
+            grads = {n: g * (max_grad_norm / norm).clamp(max=1).reshape(-1, *(1,) * (g.dim() - 1))
+                     for n, g in grads.items()}
         for name in W:
             shape = (-1,) + (1,) * (W[name].dim() - 1)
             eta = 0.0 if momentum is None else momentum[:, t].reshape(shape)

@@ -1,0 +1,171 @@
+"""`NeuralMemory`: the long-term memory layer of Titans (paper Sections 3.1 and 4.4).
+
+x -> q, k, v (linear, 1-D depthwise causal convolution, SiLU; q and k L2-normalised, per head) -> the memory op
+(store k -> v by gradient descent on ||M(k) - v||^2 with momentum and forgetting, read M(q)) -> per-head RMSNorm,
+gated by a linear map of x -> output projection. The step size theta, momentum eta and forgetting alpha are
+data-dependent: sigmoid-bounded linear functions of x, one per head and token. The initial memory weights M_0 are
+parameters, meta-learned by the outer loop; gradients of the training loss flow through every inner update.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .ops import MemoryState, MLPMemory, current_weights, memory_scan
+
+
+class CausalDepthwiseConv(nn.Module):
+    """Depthwise 1-D convolution over time that sees only the past; its tail of inputs carries across calls."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False)
+
+    def forward(self, x: Tensor, tail: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: (B, T, C); tail: the last kernel_size - 1 inputs before x (zeros at the start of a sequence)."""
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], self.kernel_size - 1, x.shape[2])
+        padded = torch.cat([tail.to(x.dtype), x], dim=1)
+        y = self.conv(padded.transpose(1, 2)).transpose(1, 2)
+        return y, padded[:, padded.shape[1] - (self.kernel_size - 1):]
+
+
+@dataclass
+class NeuralMemoryState:
+    """Everything `NeuralMemory` needs to continue a sequence: the memory (weights, momentum, partial chunk) and the
+    convolution tails of the store path ('q', 'k', 'v') and of the read-only path ('retrieve_q')."""
+
+    memory: MemoryState
+    conv: dict[str, Tensor] = field(default_factory=dict)
+
+    def detach(self) -> "NeuralMemoryState":
+        return NeuralMemoryState(self.memory.detach(), {k: v.detach() for k, v in self.conv.items()})
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+class NeuralMemory(nn.Module):
+    """Neural long-term memory (LMM) over (B, T, dim) inputs; `forward(x, state) -> (y, state)`.
+
+    Args:
+        dim: model width. heads / head_dim: memory heads (head_dim defaults to dim // heads).
+        memory_depth: L_M, layers of the memory MLP (1 = linear memory). memory_expansion: hidden width factor.
+        chunk_size: tokens per mini-batch gradient step of the memory (Eq. 16); 1 = the plain online rule.
+        momentum / forgetting: ablation switches for eta (Eq. 10) and alpha (Eq. 13).
+        use_conv: the depthwise convolutions after the q, k, v projections (Section 4.4).
+        max_lr: upper bound of the data-dependent step size theta. init_lr, init_momentum, init_decay: the gates'
+            values at initialisation (conservative by default, so an untrained memory stays finite).
+        max_grad_norm: per-token bound on the norm of the surprise gradient (None: the paper's rule unclipped). With
+            bounded steps and forgetting the memory weights stay bounded however long the stream.
+    """
+
+    def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, memory_depth: int = 2,
+                 memory_expansion: float = 2.0, chunk_size: int = 64, activation: str = "silu",
+                 memory_residual: bool = False, momentum: bool = True, forgetting: bool = True, use_conv: bool = True,
+                 conv_kernel: int = 4, max_lr: float = 0.1, init_lr: float = 0.01, init_momentum: float = 0.5,
+                 init_decay: float = 0.001, max_grad_norm: float | None = 1.0):
+        super().__init__()
+        if dim < 1 or heads < 1:
+            raise ValueError(f"dim and heads must be positive, got dim={dim}, heads={heads}")
+        head_dim = head_dim if head_dim is not None else dim // heads
+        if head_dim < 1:
+            raise ValueError(f"head_dim must be positive (dim={dim}, heads={heads})")
+        if not 0 < init_lr < max_lr:
+            raise ValueError(f"need 0 < init_lr < max_lr, got init_lr={init_lr}, max_lr={max_lr}")
+        self.dim, self.heads, self.head_dim, self.chunk_size = dim, heads, head_dim, chunk_size
+        self.max_lr, self.max_grad_norm = max_lr, max_grad_norm
+        self.use_momentum, self.use_forgetting = momentum, forgetting
+        self.memory = MLPMemory(dim=head_dim, depth=memory_depth, hidden=max(1, round(head_dim * memory_expansion)),
+                                activation=activation, residual=memory_residual)
+        inner = heads * head_dim
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner, bias=False) for _ in range(3))
+        self.convs = nn.ModuleDict(
+            {name: CausalDepthwiseConv(inner, conv_kernel) for name in ("q", "k", "v")} if use_conv else {})
+        # data-dependent gates, one per head and token (Section 3.1): theta, eta, alpha
+        self.to_lr = nn.Linear(dim, heads)
+        self.to_momentum = nn.Linear(dim, heads) if momentum else None
+        self.to_decay = nn.Linear(dim, heads) if forgetting else None
+        for linear, value in ((self.to_lr, init_lr / max_lr), (self.to_momentum, init_momentum),
+                              (self.to_decay, init_decay)):
+            if linear is not None:
+                nn.init.normal_(linear.weight, std=0.02)
+                nn.init.constant_(linear.bias, _logit(value))
+        # M_0: learnable initial memory weights, one set per head
+        self.initial_weights = nn.ParameterDict(
+            {name: nn.Parameter(w) for name, w in self.memory.init_params(heads).items()})
+        # output: per-head norm, gate from a linear map of x, projection (Section 4.4)
+        self.norm = nn.RMSNorm(head_dim)
+        self.to_gate = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    def _project(self, x: Tensor, name: str, state: NeuralMemoryState, tail_key: str) -> Tensor:
+        """Linear -> causal depthwise conv -> SiLU, split into heads: (B * heads, T, head_dim)."""
+        h = getattr(self, f"to_{name}")(x)
+        if name in self.convs:
+            h, state.conv[tail_key] = self.convs[name](h, state.conv.get(tail_key))
+        h = nn.functional.silu(h)
+        b, t, _ = h.shape
+        h = h.view(b, t, self.heads, self.head_dim).transpose(1, 2).reshape(b * self.heads, t, self.head_dim)
+        return nn.functional.normalize(h, dim=-1) if name in ("q", "k") else h
+
+    def _gate(self, linear: nn.Linear | None, x: Tensor) -> Tensor | None:
+        if linear is None:
+            return None
+        return torch.sigmoid(linear(x)).transpose(1, 2).reshape(-1, x.shape[1])  # (B * heads, T)
+
+    def _op_dtype(self, x: Tensor) -> torch.dtype:
+        return torch.promote_types(x.dtype, torch.float32)  # the memory state is fp32 (or fp64) even under autocast
+
+    def initial_state(self, batch: int, dtype: torch.dtype = torch.float32) -> NeuralMemoryState:
+        weights = {name: w.to(dtype).unsqueeze(0).expand(batch, *w.shape).reshape(batch * self.heads, *w.shape[1:])
+                   for name, w in self.initial_weights.items()}
+        return NeuralMemoryState(MemoryState.initial(weights))
+
+    def _output(self, retrieved: Tensor, x: Tensor) -> Tensor:
+        b, t = x.shape[:2]
+        y = self.norm(retrieved.to(x.dtype)).view(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
+        return self.to_out(y * nn.functional.silu(self.to_gate(x)))
+
+    def _check(self, x: Tensor) -> None:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"NeuralMemory expects input of shape (batch, time, {self.dim}), got {tuple(x.shape)}")
+
+    # ------------------------------------------------------------------------------------------------ API
+
+    def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
+        """Store every token of x in the memory and read it back: token t reads M_t, after its own update."""
+        self._check(x)
+        dtype = self._op_dtype(x)
+        state = self.initial_state(x.shape[0], dtype) if state is None else NeuralMemoryState(state.memory,
+                                                                                              dict(state.conv))
+        q, k, v = (self._project(x, name, state, name) for name in ("q", "k", "v"))
+        gates = [self._gate(linear, x) for linear in (self.to_lr, self.to_momentum, self.to_decay)]
+        lr = None if gates[0] is None else self.max_lr * gates[0]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+            retrieved, state.memory = memory_scan(
+                self.memory, state.memory.weights, cast(k), cast(v), cast(q), cast(lr), cast(gates[1]),
+                cast(gates[2]), self.chunk_size, state=state.memory, max_grad_norm=self.max_grad_norm)
+        return self._output(retrieved, x), state
+
+    def retrieve(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
+        """Read the memory with queries from x without storing anything (M* in the paper). Only the read path's
+        convolution tail advances."""
+        self._check(x)
+        dtype = self._op_dtype(x)
+        state = self.initial_state(x.shape[0], dtype) if state is None else NeuralMemoryState(state.memory,
+                                                                                              dict(state.conv))
+        q = self._project(x, "q", state, "retrieve_q")
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            weights = current_weights(self.memory, state.memory, self.max_grad_norm)
+            retrieved = self.memory(weights, q.to(dtype))
+        return self._output(retrieved, x), state
