@@ -30,7 +30,7 @@ class StandInModel:
     heads: int = 4
     variant: Literal["mac", "mag", "mal"] = "mac"
     dropout: float = 0.0
-    window: Optional[int] = None
+    window: Optional[int] = None  # noqa: UP045 -- typing.Optional on purpose (X | None is tested too)
     chunk_sizes: tuple[int, ...] = (8, 16)
 
 

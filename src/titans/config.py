@@ -330,7 +330,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 raise ConfigError(
                     f"wrong length for '{path}': expected {len(args)} items, got {len(value)} ({value!r})"
                 )
-            items = [_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
+            items = [_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))]
         else:
             item_type = args[0] if args else Any
             items = [_convert(item_type, v, f"{path}[{i}]") for i, v in enumerate(value)]

@@ -1,0 +1,94 @@
+"""PNG plots of a run: loss curves, the needle-in-a-haystack grid and accuracy versus context length.
+
+Figures are drawn with matplotlib's object API on an Agg canvas: no display is needed and the
+global pyplot backend is left alone. Each function saves the figure and returns it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["plot_accuracy_vs_length", "plot_loss_curves", "plot_needle_heatmap"]
+
+
+def _save(fig: Figure, path: str | Path) -> Figure:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def plot_loss_curves(metrics: Sequence[Mapping], path: str | Path, keys: Sequence[str] | None = None) -> Figure:
+    """One line per metric key against ``step``; by default every key whose name ends in "loss"
+    (e.g. ``train/loss``, ``eval/loss``). Records without a key are skipped for that line."""
+    if keys is None:
+        keys = list(dict.fromkeys(k for r in metrics for k in r if k.endswith("loss")))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for key in keys:
+        points = [(r["step"], r[key]) for r in metrics
+                  if isinstance(r.get(key), numbers.Real) and "step" in r]
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, label=key, marker="o" if len(points) < 20 else None)
+    if not ax.lines:
+        raise ValueError(f"no values to plot for keys {list(keys)}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_needle_heatmap(
+    accuracy: Sequence[Sequence[float]] | np.ndarray,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    path: str | Path,
+    title: str = "Needle in a haystack",
+) -> Figure:
+    """Accuracy grid with context lengths as rows and needle depths as columns (values in [0, 1])."""
+    grid = np.asarray(accuracy, dtype=float)
+    if grid.shape != (len(lengths), len(depths)):
+        raise ValueError(f"accuracy has shape {grid.shape}, expected (len(lengths), len(depths)) = "
+                         f"({len(lengths)}, {len(depths)})")
+    fig = Figure(figsize=(1.2 + 0.9 * len(depths), 1.2 + 0.6 * len(lengths)))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_xlabel("needle depth")
+    ax.set_ylabel("context length")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_length(results: Mapping[str, Mapping[int, float]], path: str | Path,
+                            title: str = "Accuracy versus context length") -> Figure:
+    """One line per model name: accuracy at each context length (log-2 length axis)."""
+    if not results:
+        raise ValueError("no results to plot")
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for name, by_length in results.items():
+        lengths = sorted(by_length, key=int)
+        ax.plot([int(n) for n in lengths], [by_length[n] for n in lengths], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("context length")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
