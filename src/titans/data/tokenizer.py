@@ -101,8 +101,8 @@ class BPETokenizer:
         return self._hf.encode(text).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode several texts in parallel (Rust threads)."""
-        return [e.ids for e in self._hf.encode_batch(texts)]
+        """Encode several texts in parallel (Rust threads), skipping character offsets."""
+        return [e.ids for e in self._hf.encode_batch_fast(texts)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._hf.decode([int(i) for i in ids])
