@@ -176,7 +176,7 @@ class DataConfig:
     data_dir: str | None = None
     """Directory of prepared data (text task); null: the default cache."""
     tokenizer: str = "byte"
-    """Tokenizer name or path to a tokenizer file."""
+    """Tokenizer: ``byte``, ``gpt2`` or the path of a saved tokenizer file (text task)."""
 
 
 @dataclasses.dataclass
@@ -209,9 +209,13 @@ class RunConfig:
     model: Any = dataclasses.field(metadata={"type": model_config_class})
     """The model (``titans.model.TitansConfig`` unless another class is registered)."""
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    """Task or corpus, tokenizer."""
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    """Training loop."""
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    """Evaluation settings."""
     name: str = "run"
     """Run name, used for the run directory."""
 
