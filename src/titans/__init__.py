@@ -1,3 +1,12 @@
-"""Titans: a neural long-term memory that learns at test time (arXiv 2501.00663)."""
+"""Titans: a neural long-term memory that learns at test time (Behrouz, Zhong, Mirrokni 2024, arXiv 2501.00663)."""
+
+from .memory import NeuralMemory, NeuralMemoryState
+from .model import VARIANTS, TitansConfig, TitansLM, TitansState, count_parameters, match_parameters, preset
+from .ops import MLPMemory, MemoryState, memory_scan, memory_scan_reference
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "MLPMemory", "MemoryState", "NeuralMemory", "NeuralMemoryState", "TitansConfig", "TitansLM", "TitansState",
+    "VARIANTS", "count_parameters", "match_parameters", "memory_scan", "memory_scan_reference", "preset",
+]

@@ -1,0 +1,218 @@
+"""The sequence mixers of Titans (paper Section 4) and of the baselines, the gate, the feed-forward and the block.
+
+Every mixer maps (B, T, dim) -> (B, T, dim) and carries a streaming state: `forward(x, state) -> (y, state)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import AttentionState, CausalSelfAttention, RotaryEmbedding
+from .memory import NeuralMemory, NeuralMemoryState
+from .ops import MemoryState
+
+
+class SwiGLU(nn.Module):
+    """Feed-forward: W_down (silu(W_gate x) * W_up x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class MemoryGate(nn.Module):
+    """o = y (x) m of MAC and MAG (Sections 4.1-4.2): each branch normalised and scaled by learnable vector-valued
+    weights, the memory branch through a sigmoid that gates the attention branch."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm_attention = nn.RMSNorm(dim)
+        self.norm_memory = nn.RMSNorm(dim)
+
+    def forward(self, y: Tensor, m: Tensor) -> Tensor:
+        return self.norm_attention(y) * torch.sigmoid(self.norm_memory(m))
+
+
+def _with_persistent_prefix(memory: NeuralMemory, persistent: Tensor | None, x: Tensor,
+                            state: NeuralMemoryState | None) -> tuple[Tensor, NeuralMemoryState]:
+    """M([p] || x): at the start of a sequence the memory first reads the persistent tokens (Section 3.3); their
+    outputs are dropped. Later pieces of a stream continue from the state."""
+    if state is not None or persistent is None:
+        return memory(x, state)
+    prefix = persistent.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+    y, state = memory(torch.cat([prefix, x], dim=1), None)
+    return y[:, prefix.shape[1]:], state
+
+
+class AttentionMixer(nn.Module):
+    """Baselines `transformer` (full causal attention) and `swa` (sliding window)."""
+
+    def __init__(self, attention: CausalSelfAttention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: Tensor, state: AttentionState | None = None):
+        return self.attention(x, state)
+
+
+class MemoryMixer(nn.Module):
+    """`lmm`: the neural memory alone (also the `deltanet` and `ttt` baselines, with other memory settings)."""
+
+    def __init__(self, memory: NeuralMemory, num_persistent: int = 0):
+        super().__init__()
+        self.memory = memory
+        self.persistent = nn.Parameter(torch.randn(num_persistent, memory.dim)) if num_persistent else None
+
+    def forward(self, x: Tensor, state: NeuralMemoryState | None = None):
+        return _with_persistent_prefix(self.memory, self.persistent, x, state)
+
+
+@dataclass
+class GateMixerState:
+    attention: AttentionState
+    memory: NeuralMemoryState
+
+    def detach(self) -> "GateMixerState":
+        return GateMixerState(self.attention.detach(), self.memory.detach())
+
+
+class MAGMixer(nn.Module):
+    """Memory as a Gate (Section 4.2): x~ = [p] || x;  y = SW-Attn*(x~);  o = y (x) M(x~).
+    The persistent tokens are the attention's (always visible, whatever the window) and the memory reads them first."""
+
+    def __init__(self, attention: CausalSelfAttention, memory: NeuralMemory):
+        super().__init__()
+        self.attention, self.memory, self.gate = attention, memory, MemoryGate(attention.dim)
+
+    def forward(self, x: Tensor, state: GateMixerState | None = None):
+        y, attention_state = self.attention(x, None if state is None else state.attention)
+        m, memory_state = _with_persistent_prefix(self.memory, self.attention.persistent, x,
+                                                  None if state is None else state.memory)
+        return self.gate(y, m), GateMixerState(attention_state, memory_state)
+
+
+class MALMixer(nn.Module):
+    """Memory as a Layer (Section 4.3): x~ = [p] || x;  y = M(x~);  o = SW-Attn(y)."""
+
+    def __init__(self, attention: CausalSelfAttention, memory: NeuralMemory, num_persistent: int):
+        super().__init__()
+        self.attention, self.memory = attention, memory
+        self.persistent = nn.Parameter(torch.randn(num_persistent, memory.dim)) if num_persistent else None
+
+    def forward(self, x: Tensor, state: GateMixerState | None = None):
+        y, memory_state = _with_persistent_prefix(self.memory, self.persistent, x,
+                                                  None if state is None else state.memory)
+        o, attention_state = self.attention(y, None if state is None else state.attention)
+        return o, GateMixerState(attention_state, memory_state)
+
+
+@dataclass
+class MACState:
+    """Memory as a Context, mid-stream: the memory now (after storing this segment's outputs so far), the memory at
+    the start of the current segment (what its retrievals read), and the segment's attention keys/values so far."""
+
+    memory: NeuralMemoryState
+    segment_memory: MemoryState
+    keys: Tensor  # (B, heads, 2, n, head_dim): retrieved tokens h and segment tokens x, rotated by in-segment position
+    values: Tensor
+
+    @property
+    def filled(self) -> int:
+        return self.keys.shape[3]
+
+    def detach(self) -> "MACState":
+        return MACState(self.memory.detach(), self.segment_memory.detach(), self.keys.detach(), self.values.detach())
+
+
+class MACMixer(nn.Module):
+    """Memory as a Context (Section 4.1, Fig. 2). The sequence is split into segments S of `segment_len` tokens; for
+    each one:  h = M*_{t-1}(q) read with the segment's queries;  y = Attn([p] || h || S) on the segment's positions;
+    M_t = M_{t-1}.store(y);  o = y (x) M*_t(y).
+    Attention mask: the persistent tokens are visible to every position; position i sees h_j and x_j for j <= i (h_j
+    derives from x_j, so seeing later h's would leak the future). Token i's memory read M*(y_i) sees M after y_i."""
+
+    def __init__(self, dim: int, heads: int, segment_len: int, memory: NeuralMemory, num_persistent: int,
+                 rope: bool = True):
+        super().__init__()
+        if segment_len < 1:
+            raise ValueError(f"segment_len must be >= 1, got {segment_len}")
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.dim, self.heads, self.head_dim, self.segment_len = dim, heads, dim // heads, segment_len
+        self.memory = memory
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.rotary = RotaryEmbedding(self.head_dim) if rope else None
+        self.persistent = nn.Parameter(torch.randn(num_persistent, dim)) if num_persistent else None
+        self.gate = MemoryGate(dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, heads, T, head_dim)
+
+    def _segment_piece(self, x: Tensor, state: MACState) -> tuple[Tensor, MACState]:
+        """Tokens x (B, n, dim) that continue the current segment (state.filled + n <= segment_len)."""
+        start = state.filled
+        reader = NeuralMemoryState(state.segment_memory, state.memory.conv)
+        h, reader = self.memory.retrieve(x, reader)  # every token of the segment reads M_{t-1}
+        q, k, v = self._heads(self.query(x)), torch.stack([self._heads(self.key(h)), self._heads(self.key(x))], 2), \
+            torch.stack([self._heads(self.value(h)), self._heads(self.value(x))], 2)
+        if self.rotary is not None:
+            q, k = self.rotary(q, start), self.rotary(k, start)
+        keys, values = torch.cat([state.keys, k], dim=3), torch.cat([state.values, v], dim=3)
+        n, filled = x.shape[1], start + x.shape[1]
+        causal = torch.arange(filled, device=x.device)[None, :] <= torch.arange(start, filled, device=x.device)[:, None]
+        mask = torch.cat([causal, causal], dim=1)
+        flat_k, flat_v = keys.flatten(2, 3), values.flatten(2, 3)  # (B, heads, 2 * filled, head_dim)
+        if self.persistent is not None:
+            pk = self._heads(self.key(self.persistent).unsqueeze(0)).expand(x.shape[0], -1, -1, -1)
+            pv = self._heads(self.value(self.persistent).unsqueeze(0)).expand(x.shape[0], -1, -1, -1)
+            flat_k, flat_v = torch.cat([pk.to(flat_k.dtype), flat_k], 2), torch.cat([pv.to(flat_v.dtype), flat_v], 2)
+            mask = torch.cat([mask.new_ones(n, self.persistent.shape[0]), mask], dim=1)
+        y = F.scaled_dot_product_attention(q, flat_k, flat_v, attn_mask=mask)
+        y = self.out(y.transpose(1, 2).flatten(2))
+        m, memory_state = self.memory(y, NeuralMemoryState(state.memory.memory, reader.conv))  # store y, read M_t(y)
+        state = MACState(memory_state, state.segment_memory, keys, values)
+        if filled == self.segment_len:  # segment complete: the next one reads the memory as it is now
+            empty = keys[:, :, :, :0]
+            state = MACState(memory_state, memory_state.memory, empty, empty)
+        return self.gate(y, m), state
+
+    def initial_state(self, x: Tensor) -> MACState:
+        memory = self.memory.initial_state(x.shape[0], torch.promote_types(x.dtype, torch.float32))
+        empty = x.new_zeros(x.shape[0], self.heads, 2, 0, self.head_dim)
+        return MACState(memory, memory.memory, empty, empty)
+
+    def forward(self, x: Tensor, state: MACState | None = None):
+        state = self.initial_state(x) if state is None else state
+        outputs, start = [], 0
+        while start < x.shape[1]:
+            n = min(self.segment_len - state.filled, x.shape[1] - start)
+            y, state = self._segment_piece(x[:, start:start + n], state)
+            outputs.append(y)
+            start += n
+        return (torch.cat(outputs, dim=1) if outputs else x.new_zeros(x.shape)), state
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + SwiGLU(norm(x))."""
+
+    def __init__(self, dim: int, mixer: nn.Module, ffn_hidden: int):
+        super().__init__()
+        self.mixer_norm, self.mixer = nn.RMSNorm(dim), mixer
+        self.ffn_norm, self.ffn = nn.RMSNorm(dim), SwiGLU(dim, ffn_hidden)
+
+    def forward(self, x: Tensor, state=None):
+        y, state = self.mixer(self.mixer_norm(x), state)
+        x = x + y
+        return x + self.ffn(self.ffn_norm(x)), state

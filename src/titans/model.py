@@ -1,0 +1,221 @@
+"""`TitansLM`: token embedding -> N pre-norm blocks (a sequence mixer, then SwiGLU) -> norm -> LM head.
+
+`config.variant` picks the mixer: the Titans architectures `mac`, `mag`, `mal`, `lmm` (paper Section 4) and the
+baselines `transformer`, `swa`, `deltanet`, `ttt`, all through the same blocks, streaming state and training code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .attention import CausalSelfAttention
+from .blocks import AttentionMixer, Block, MACMixer, MAGMixer, MALMixer, MemoryMixer
+from .memory import NeuralMemory
+
+Variant = Literal["mac", "mag", "mal", "lmm", "transformer", "swa", "deltanet", "ttt"]
+VARIANTS: tuple[str, ...] = Variant.__args__
+TITANS_VARIANTS = ("mac", "mag", "mal", "lmm")
+
+
+@dataclass
+class TitansConfig:
+    """Shape of a TitansLM. Every field is a YAML key under `model:`."""
+
+    variant: Variant = "mac"
+    vocab_size: int = 256
+    dim: int = 128
+    layers: int = 4
+    heads: int = 4
+    ffn_hidden: int | None = None  # SwiGLU width; default: 8/3 * dim rounded up to a multiple of 16
+    tie_embeddings: bool = True
+    # attention
+    window: int = 64  # sliding-window size of `swa`, `mag`, `mal`
+    segment_len: int = 64  # segment size of `mac`
+    num_persistent: int = 4  # persistent memory tokens (Section 3.3); 0 disables them
+    rope: bool = True
+    # neural memory (Section 3.1)
+    memory_depth: int = 2  # L_M; 1 is a linear memory
+    memory_expansion: float = 2.0
+    memory_heads: int | None = None  # default: heads
+    chunk_size: int = 16  # tokens per memory mini-batch step (Eq. 16)
+    momentum: bool = True
+    forgetting: bool = True
+    memory_conv: bool = True
+    memory_activation: str = "silu"
+    max_lr: float = 0.1
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r}; choose one of {VARIANTS}")
+        for name in ("vocab_size", "dim", "layers", "heads", "window", "segment_len", "memory_depth", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.num_persistent < 0:
+            raise ValueError(f"num_persistent must be >= 0, got {self.num_persistent}")
+
+    @property
+    def ffn_width(self) -> int:
+        return self.ffn_hidden if self.ffn_hidden is not None else -(-(8 * self.dim // 3) // 16) * 16
+
+    def replace(self, **changes) -> "TitansConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# The paper's model shapes (Section 5.1; trained on 15B tokens there, here they must build and run).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(dim=32, layers=2, heads=2, window=16, segment_len=16, chunk_size=8, num_persistent=2),
+    "small": dict(dim=128, layers=4, heads=4, window=64, segment_len=64, chunk_size=16),
+    "170m": dict(vocab_size=32000, dim=768, layers=12, heads=12, window=512, segment_len=512, chunk_size=64,
+                 num_persistent=16),
+    "340m": dict(vocab_size=32000, dim=1024, layers=24, heads=16, window=512, segment_len=512, chunk_size=64,
+                 num_persistent=16),
+}
+
+
+def preset(name: str, variant: str = "mac", **overrides) -> TitansConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return TitansConfig(variant=variant, **{**PRESETS[name], **overrides})
+
+
+def _memory(config: TitansConfig, *, depth: int | None = None, momentum: bool | None = None,
+            forgetting: bool | None = None) -> NeuralMemory:
+    return NeuralMemory(
+        config.dim, heads=config.memory_heads or config.heads, memory_depth=depth or config.memory_depth,
+        memory_expansion=config.memory_expansion, chunk_size=config.chunk_size,
+        activation=config.memory_activation, momentum=config.momentum if momentum is None else momentum,
+        forgetting=config.forgetting if forgetting is None else forgetting, use_conv=config.memory_conv,
+        max_lr=config.max_lr, max_grad_norm=config.max_grad_norm)
+
+
+def build_mixer(config: TitansConfig) -> nn.Module:
+    c = config
+
+    def attention(window: int | None, persistent: int) -> CausalSelfAttention:
+        return CausalSelfAttention(c.dim, c.heads, window=window, num_persistent=persistent, rope=c.rope)
+
+    if c.variant == "transformer":
+        return AttentionMixer(attention(None, 0))
+    if c.variant == "swa":
+        return AttentionMixer(attention(c.window, 0))
+    if c.variant == "lmm":
+        return MemoryMixer(_memory(c), c.num_persistent)
+    if c.variant == "deltanet":  # gated delta rule: linear memory, forgetting, no momentum
+        return MemoryMixer(_memory(c, depth=1, momentum=False, forgetting=True))
+    if c.variant == "ttt":  # deep memory, plain gradient steps: no momentum, no forgetting
+        return MemoryMixer(_memory(c, momentum=False, forgetting=False))
+    if c.variant == "mag":
+        return MAGMixer(attention(c.window, c.num_persistent), _memory(c))
+    if c.variant == "mal":
+        return MALMixer(attention(c.window, 0), _memory(c), c.num_persistent)
+    return MACMixer(c.dim, c.heads, c.segment_len, _memory(c), c.num_persistent, rope=c.rope)
+
+
+@dataclass
+class TitansState:
+    """Streaming state of a TitansLM: one state per block and the number of tokens seen."""
+
+    layers: list = field(default_factory=list)
+    position: int = 0
+
+    def detach(self) -> "TitansState":
+        return TitansState([s.detach() for s in self.layers], self.position)
+
+
+class TitansLM(nn.Module):
+    def __init__(self, config: TitansConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config.dim, build_mixer(config), config.ffn_width)
+                                    for _ in range(config.layers))
+        self.norm = nn.RMSNorm(config.dim)
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor, state: TitansState | None = None) -> tuple[Tensor, TitansState]:
+        """tokens (B, T) int64 -> logits (B, T, vocab_size) and the state after them."""
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor of shape (batch, time), got {tuple(tokens.shape)} "
+                             f"{tokens.dtype}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)][0].item()
+            raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
+        layer_states = [None] * len(self.blocks) if state is None else state.layers
+        x = self.embed(tokens)
+        new_states = []
+        for block, layer_state in zip(self.blocks, layer_states):
+            x, layer_state = block(x, layer_state)
+            new_states.append(layer_state)
+        position = (0 if state is None else state.position) + tokens.shape[1]
+        return self.head(self.norm(x)), TitansState(new_states, position)
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                 state: TitansState | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Continue `prompt` (B, T) by `max_new_tokens` tokens from a streaming state: greedy when temperature is 0,
+        otherwise sampled from softmax(logits / temperature), restricted to the top_k most likely when given."""
+        if prompt.dim() == 1:
+            prompt = prompt.unsqueeze(0)
+        logits, state = self(prompt, state)
+        out = []
+        for _ in range(max_new_tokens):
+            last = logits[:, -1].float()
+            if temperature <= 0:
+                token = last.argmax(-1, keepdim=True)
+            else:
+                last = last / temperature
+                if top_k is not None:
+                    kth = last.topk(min(top_k, last.shape[-1]), dim=-1).values[:, -1:]
+                    last = last.masked_fill(last < kth, -torch.inf)
+                token = torch.multinomial(torch.softmax(last, -1), 1, generator=generator)
+            out.append(token)
+            logits, state = self(token, state)
+        return torch.cat([prompt] + out, dim=1)
+
+
+def count_parameters(config_or_model: TitansConfig | nn.Module, by_component: bool = False):
+    """Trainable parameters (tied weights once). With by_component: a dict of counts per top-level part and per
+    kind of module inside the blocks (mixer attention / memory / gate, ffn, norms)."""
+    model = config_or_model
+    if isinstance(config_or_model, TitansConfig):
+        with torch.device("meta"):
+            model = TitansLM(config_or_model)
+    params = dict(model.named_parameters())  # named_parameters de-duplicates tied weights
+    if not by_component:
+        return sum(p.numel() for p in params.values())
+    counts: dict[str, int] = {}
+    for name, p in params.items():
+        parts = name.split(".")
+        key = parts[0] if parts[0] != "blocks" else ".".join(["blocks"] + parts[2:4])
+        counts[key] = counts.get(key, 0) + p.numel()
+    return counts
+
+
+def match_parameters(config: TitansConfig, target: int, tolerance: float = 0.05) -> TitansConfig:
+    """The config with its SwiGLU width chosen (multiple of 8) so the model has `target` parameters, within
+    `tolerance`: how variants are compared at equal size."""
+    lo, hi = 8, 64 * config.dim
+    while lo < hi:  # parameter count grows with the width: the smallest width reaching the target
+        mid = (lo + hi) // 2 // 8 * 8 or 8
+        if count_parameters(config.replace(ffn_hidden=mid)) < target:
+            lo = mid + 8
+        else:
+            hi = mid
+    best = min((config.replace(ffn_hidden=w) for w in (max(8, lo - 8), lo)),
+               key=lambda c: abs(count_parameters(c) - target))
+    got = count_parameters(best)
+    if abs(got - target) > tolerance * target:
+        raise ValueError(f"cannot match {target:,} parameters with variant {config.variant!r} at dim {config.dim} "
+                         f"(closest: {got:,}); change dim or layers")
+    return best
