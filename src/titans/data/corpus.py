@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from titans.data.registry import default_cache_dir, fetch, read_members, sha256_file
-from titans.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, gpt2_tokenizer
+from titans.data.tokenizer import BPETokenizer, ByteTokenizer, gpt2_tokenizer
 
 __all__ = [
     "SPLITS", "SOURCES", "Source", "Manifest", "prepare", "verify", "load_manifest", "default_data_dir",
-    "documents", "background_documents", "make_tokenizer", "strip_gutenberg", "strip_wiki_markup",
+    "documents", "background_documents", "make_tokenizer", "normalise_text", "strip_gutenberg", "strip_wiki_markup",
+    "parse_gutenberg_files", "parse_kjv_jsonl", "parse_mediawiki_dump",
 ]
 
 SPLITS = ("train", "validation", "test")
@@ -64,7 +65,7 @@ def strip_gutenberg(text: str) -> str:
 
     Handles the ``*** START OF THE PROJECT GUTENBERG EBOOK ...`` / ``*** END OF ...`` markers and the
     older ``*END*THE SMALL PRINT!`` header with its ``End of the Project Gutenberg Etext`` footer.
-    Text without markers is returned unchanged.
+    Text without markers is only normalised (see ``normalise_text``).
     """
     for start in _PG_START:
         if m := start.search(text):
@@ -82,7 +83,7 @@ _WIKI_TAIL_SECTIONS = {"see also", "notes", "references", "external links", "fur
 _WIKI_DROP_TAGS = {"gallery", "math", "table", "timeline", "imagemap", "score"}
 _WIKI_REFS = re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref\s*>", re.I | re.S)
 _WIKI_INNER_TABLE = re.compile(r"^\{\|(?:(?!^\{\|).)*?^\|\}", re.M | re.S)
-_WIKI_TAIL = re.compile(r"^==\s*(?:%s)\s*==\s*$" % "|".join(_WIKI_TAIL_SECTIONS), re.M | re.I)
+_WIKI_TAIL = re.compile(r"^==\s*(?:%s)\s*==\s*$" % "|".join(sorted(_WIKI_TAIL_SECTIONS)), re.M | re.I)
 # debris the parser leaves around removed templates, unbalanced ''italics'' and unparsed image captions
 _WIKI_DEBRIS = re.compile(r"\(\s*(?:[;,]\s*)*\)|(?<=\()\s*(?:[;,]\s*)+|'{2,}|^(?:thumb|frame|upright|left|right)\|.*$",
                           re.M)
@@ -97,7 +98,8 @@ def _is_dropped_wiki_node(node) -> bool:
         return str(node.tag).lower() in _WIKI_DROP_TAGS
     if isinstance(node, nodes.Wikilink) and ":" in str(node.title):
         namespace = str(node.title).split(":", 1)[0].strip().lower()
-        return namespace in {"category", "file", "image", "media"} or bool(re.fullmatch(r"[a-z]{2,3}(-[a-z]+)*", namespace))
+        interlanguage = re.fullmatch(r"[a-z]{2,3}(-[a-z]+)*", namespace) is not None
+        return interlanguage or namespace in {"category", "file", "image", "media"}
     return False
 
 
@@ -245,7 +247,10 @@ def load_manifest(data_dir: Path | None = None) -> Manifest:
     path = data_dir / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no corpus in {data_dir}: run `titans data prepare` (titans.data.corpus.prepare)")
-    return Manifest(**json.loads(path.read_text(encoding="utf-8")))
+    try:
+        return Manifest(**json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"unreadable corpus manifest {path} ({e}); rebuild with prepare(force=True)") from e
 
 
 def verify(data_dir: Path | None = None) -> Manifest:
@@ -327,7 +332,8 @@ def _check_tokenizer_name(name: str) -> None:
         raise ValueError(f"unknown tokenizer {name!r}: expected 'bytes', 'bpe<N>k' (e.g. 'bpe8k') or 'gpt2'")
 
 
-def make_tokenizer(name: str, train_texts: Iterable[str], cache_dir: Path | None = None) -> Tokenizer:
+def make_tokenizer(name: str, train_texts: Iterable[str],
+                   cache_dir: Path | None = None) -> ByteTokenizer | BPETokenizer:
     """``bytes``, ``bpe<N>k`` (byte-level BPE with N*1024 tokens trained on ``train_texts``) or ``gpt2``."""
     _check_tokenizer_name(name)
     if name == "bytes":
@@ -347,7 +353,8 @@ def _tokenize(manifest: Manifest, data_dir: Path, name: str, split_docs: dict[st
     dtype = next(t for t in (np.uint8, np.uint16, np.uint32) if tokenizer.vocab_size <= np.iinfo(t).max + 1)
     counts = {}
     for split in SPLITS:
-        encoded = [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch([d["text"] for d in split_docs[split]])]
+        texts = [d["text"] for d in split_docs[split]]
+        encoded = [np.asarray(ids, dtype=dtype) for ids in tokenizer.encode_batch(texts)]
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(ids) for ids in encoded])
         tokens = np.concatenate(encoded)
@@ -358,9 +365,9 @@ def _tokenize(manifest: Manifest, data_dir: Path, name: str, split_docs: dict[st
     manifest.tokenizers[name] = {"vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name, "tokens": counts}
 
 
-def _read_split_docs(data_dir: Path) -> dict[str, list[dict]]:
-    return {split: [json.loads(line) for line in (data_dir / "text" / f"{split}.jsonl").read_text("utf-8").splitlines()]
-            for split in SPLITS}
+def _read_documents(data_dir: Path, split: str) -> list[dict]:
+    path = data_dir / "text" / f"{split}.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def _quick_check(manifest: Manifest, data_dir: Path) -> None:
@@ -377,7 +384,8 @@ def prepare(data_dir: Path | None = None, *, tokenizer: str = "bpe8k", sources: 
 
     A corpus already built with the same recipe is reused: a second call only adds a tokenizer not yet
     built. ``force`` rebuilds from scratch; so does a change of recipe. Archives are cached in
-    ``cache_dir`` (default ``$TITANS_CACHE`` or ``~/.cache/titans``).
+    ``cache_dir`` (default ``$TITANS_CACHE`` or ``~/.cache/titans``). Run it in one process (e.g. DDP
+    rank 0) before the others read the corpus.
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     sources = tuple(sources) if sources is not None else SOURCES
@@ -392,7 +400,7 @@ def prepare(data_dir: Path | None = None, *, tokenizer: str = "bpe8k", sources: 
         if not missing:
             return manifest
         start = time.perf_counter()
-        split_docs = _read_split_docs(data_dir)
+        split_docs = {split: _read_documents(data_dir, split) for split in SPLITS}
         for name in missing:
             _tokenize(manifest, data_dir, name, split_docs, cache_dir)
         manifest.build_seconds += time.perf_counter() - start
@@ -427,8 +435,7 @@ def documents(split: str, data_dir: Path | None = None) -> list[dict]:
         raise ValueError(f"unknown split {split!r}: expected one of {SPLITS}")
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     load_manifest(data_dir)  # a clear error when the corpus was never built
-    path = data_dir / "text" / f"{split}.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return _read_documents(data_dir, split)
 
 
 def background_documents(split: str, data_dir: Path | None = None) -> list[str]:
