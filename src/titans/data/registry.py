@@ -65,6 +65,8 @@ def _pip_download(spec: str, registry: Path, binary: bool) -> Path:
 def _download_into(folder: Path, spec: str, registry: Path, binary: bool) -> Path:
     downloaded = _pip_download(spec, registry, binary)
     folder.mkdir(exist_ok=True)
+    for stale in folder.iterdir():  # a folder holds exactly one archive
+        stale.unlink()
     archive = folder / downloaded.name
     os.replace(downloaded, archive)  # atomic within one file system
     shutil.rmtree(downloaded.parent, ignore_errors=True)
