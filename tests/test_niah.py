@@ -46,7 +46,8 @@ def test_prompt_follows_ruler_format(task, tokenizer, bpe):
     tok = ByteTokenizer() if tokenizer == "bytes" else bpe
     s = make(task, tok).sample(2048, depth=40, seed=7, index=1)
     kind = "number" if task != "niah_single_3" else "uuid"
-    value_re = r"[1-9]\d{6}" if kind == "number" else r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+    uuid4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+    value_re = r"[1-9]\d{6}" if kind == "number" else uuid4
     assert re.fullmatch(value_re, s.answer)
     adjective, noun = s.key.split("-")
     assert adjective in ADJECTIVES and noun in NOUNS
@@ -101,7 +102,8 @@ def test_deterministic_per_seed_and_index():
     assert a.input == b.input and torch.equal(a.token_ids, b.token_ids) and a.depth in DEPTHS
     longer = gen.sample(4000, seed=5, index=2)  # same key and value at any length
     assert (longer.key, longer.answer) == (a.key, a.answer)
-    others = {(gen.sample(1500, seed=5, index=i).answer) for i in range(3, 8)} | {gen.sample(1500, seed=6, index=2).answer}
+    others = {gen.sample(1500, seed=5, index=i).answer for i in range(3, 8)}
+    others.add(gen.sample(1500, seed=6, index=2).answer)
     assert a.answer not in others and len(others) == 6
 
 
@@ -112,9 +114,11 @@ def test_depth_grid_is_rulers():
 def test_grid_covers_lengths_by_depths():
     gen = make("niah_single_1", ByteTokenizer())
     grid = gen.grid([1024, 2048], [0, 50, 100], samples_per_cell=2, seed=1)
-    assert [(s.max_length, s.depth) for s in grid] == [(n, d) for n in (1024, 2048) for d in (0, 50, 100) for _ in range(2)]
+    cells = [(n, d) for n in (1024, 2048) for d in (0, 50, 100)]
+    assert [(s.max_length, s.depth) for s in grid] == [cell for cell in cells for _ in range(2)]
     assert len({s.answer for s in grid}) == 12
-    assert [s.answer for s in gen.grid([1024, 2048], [0, 50, 100], samples_per_cell=2, seed=1)] == [s.answer for s in grid]
+    again = gen.grid([1024, 2048], [0, 50, 100], samples_per_cell=2, seed=1)
+    assert [s.answer for s in again] == [s.answer for s in grid]
 
 
 def test_million_token_prompt_is_practical():
@@ -179,7 +183,8 @@ def test_real_registry_haystack_and_keys():
     for a2 in adjective_set:
         for a1 in (a2[:i] for i, c in enumerate(a2) if c == "-"):
             x = a2[len(a1) + 1 :]
-            assert a1 not in adjective_set or not any(n.startswith(x + "-") and n[len(x) + 1 :] in noun_set for n in nouns)
+            collides = any(n.startswith(x + "-") and n[len(x) + 1 :] in noun_set for n in nouns)
+            assert a1 not in adjective_set or not collides
     s = NIAHGenerator("niah_single_2", ByteTokenizer(), adjectives=adjectives, nouns=nouns).sample(4096, depth=50)
     assert "\nJuly 2010What hard liquor, cigarettes, heroin, and crack have in common" in s.input
     assert s.prompt_length + 128 <= 4096 and abs(s.needle_depth - 0.5) < 0.1

@@ -46,7 +46,8 @@ def test_format_and_next_token_targets(name):
 @pytest.mark.parametrize("name", sorted(TASK_KWARGS))
 def test_deterministic_per_seed_and_index(name):
     task = make_task(name, **TASK_KWARGS[name])
-    a, b, other = SyntheticDataset(task, 8, seed=5), SyntheticDataset(task, 8, seed=5), SyntheticDataset(task, 8, seed=6)
+    a, b = SyntheticDataset(task, 8, seed=5), SyntheticDataset(task, 8, seed=5)
+    other = SyntheticDataset(task, 8, seed=6)
     late_first = b[7]  # access order must not matter
     for key in ("inputs", "targets", "loss_mask"):
         assert torch.equal(a[7][key], late_first[key])
@@ -94,7 +95,8 @@ def test_needle_answer_is_the_marked_token_or_its_position(answer):
 
 
 def test_needle_fixed_depth():
-    assert [int(SyntheticDataset(NeedleTask(seq_len=64, depth=d), 1)[0]["needle_position"]) for d in (0, 0.5, 1)] == [0, 30, 61]
+    positions = [int(SyntheticDataset(NeedleTask(seq_len=64, depth=d), 1)[0]["needle_position"]) for d in (0, 0.5, 1)]
+    assert positions == [0, 30, 61]
 
 
 def test_recall_follows_zoology_mqar():
@@ -153,7 +155,8 @@ def test_metric_input_errors():
     with pytest.raises(ValueError, match="must match"):
         masked_accuracy(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="no position"):
-        masked_cross_entropy(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.bool))
+        masked_cross_entropy(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long),
+                             torch.zeros(1, 3, dtype=torch.bool))
 
 
 def test_bad_configuration_is_a_clear_error():

@@ -428,6 +428,7 @@ def parse_babi(text: str, task: str) -> list[BabiSample]:
         if n == 1:
             stories.append([])
         elif not stories or n != len(stories[-1]) + 1:
-            raise ValueError(f"line {number}: expected statement number {len(stories[-1]) + 1 if stories else 1}, got {n}")
+            expected = len(stories[-1]) + 1 if stories else 1
+            raise ValueError(f"line {number}: expected statement number {expected}, got {n}")
         stories[-1].append(StoryLine(sentence, answer, tuple(int(s) for s in (support or "").split())))
     return [sample for lines in stories for sample in Story(task, tuple(lines)).samples()]

@@ -89,7 +89,8 @@ class CopyTask(SyntheticTask):
     gap: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.vocab_size >= 3, f"copy: vocab_size must be >= 3 (content + blank + delimiter), got {self.vocab_size}")
+        _require(self.vocab_size >= 3,
+                 f"copy: vocab_size must be >= 3 (content + blank + delimiter), got {self.vocab_size}")
         _require(self.length >= 1, f"copy: length must be >= 1, got {self.length}")
         _require(self.gap >= 0, f"copy: gap must be >= 0, got {self.gap}")
 
@@ -161,7 +162,8 @@ class NeedleTask(SyntheticTask):
     def __post_init__(self) -> None:
         _require(self.vocab_size >= 3, f"needle: vocab_size must be >= 3, got {self.vocab_size}")
         _require(self.seq_len >= 3, f"needle: seq_len must be >= 3, got {self.seq_len}")
-        _require(self.answer in ("value", "position"), f"needle: answer must be 'value' or 'position', got {self.answer!r}")
+        _require(self.answer in ("value", "position"),
+                 f"needle: answer must be 'value' or 'position', got {self.answer!r}")
         _require(self.depth is None or 0.0 <= self.depth <= 1.0, f"needle: depth must be in [0, 1], got {self.depth}")
         if self.answer == "position":
             _require(
@@ -223,7 +225,8 @@ class RecallTask(SyntheticTask):
         _require(self.num_kv_pairs >= 1, f"recall: num_kv_pairs must be >= 1, got {self.num_kv_pairs}")
         _require(
             4 * self.num_kv_pairs <= self.seq_len,
-            f"recall: seq_len must be >= 4 * num_kv_pairs, got seq_len={self.seq_len}, num_kv_pairs={self.num_kv_pairs}",
+            f"recall: seq_len must be >= 4 * num_kv_pairs, got seq_len={self.seq_len}, "
+            f"num_kv_pairs={self.num_kv_pairs}",
         )
         _require(
             self.vocab_size // 2 - 1 >= self.num_kv_pairs,
