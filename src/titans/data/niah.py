@@ -151,10 +151,27 @@ class _Haystack:
             return lo + 1
         return lo
 
-    def unit(self, i: int) -> tuple[str, list[int]]:
-        """Text and ids of unit ``i`` of the cycled sequence, with its separator."""
-        j = i % len(self.units)
-        return self.sep + self.units[j], self.sep_ids[j]
+    def with_needle_tokens(self, k: int, b: int, needle_bare: list[int], needle_sep: list[int]) -> int:
+        """Tokens of the first ``k`` units with the needle inserted at boundary ``b``."""
+        return len(needle_bare) + self.sep_tokens(k) if b == 0 else self.tokens(k) + len(needle_sep)
+
+    def with_needle(
+        self, k: int, b: int, needle: str, needle_bare: list[int], needle_sep: list[int]
+    ) -> tuple[list[str], list[int], int]:
+        """Text pieces and token ids of the first ``k`` units with the needle at boundary ``b``, and the index
+        of the needle's first token."""
+        texts, ids = [], []
+        for i in range(k + 1):
+            if i == b:
+                position = len(ids)
+                texts.append(needle if b == 0 else self.sep + needle)
+                ids.extend(needle_bare if b == 0 else needle_sep)
+            if i < k:
+                j = i % len(self.units)
+                bare = i == 0 and b != 0  # the context's first piece goes without separator
+                texts.append(self.units[j] if bare else self.sep + self.units[j])
+                ids.extend(self.first_ids if bare else self.sep_ids[j])
+        return texts, ids, position
 
 
 @dataclass(frozen=True, eq=False)
@@ -280,52 +297,34 @@ class NIAHGenerator:
         prefix = ANSWER_PREFIX.format(kind=self.kind, key=key)
         head_ids, question_ids, prefix_ids = enc(head), enc(question), enc(prefix)
         answer_ids = enc(" " + value)
-        needle_first, needle_sep = enc(needle), enc(self.haystack.sep + needle)
-        budget = len(head_ids) + len(question_ids) + len(prefix_ids) + max(self.answer_budget, len(answer_ids))
-
+        needle_bare, needle_sep = enc(needle), enc(self.haystack.sep + needle)
+        fixed = len(head_ids) + len(question_ids) + len(prefix_ids) + max(self.answer_budget, len(answer_ids))
         hay = self.haystack
 
-        def total(k: int) -> int:
-            b = hay.boundary_near(k, depth / 100)
-            context = len(needle_first) + hay.sep_tokens(k) if b == 0 else hay.tokens(k) + len(needle_sep)
-            return budget + context
+        def total(k: int) -> int:  # prompt + answer budget with k haystack units
+            return fixed + hay.with_needle_tokens(k, hay.boundary_near(k, depth / 100), needle_bare, needle_sep)
 
         if total(0) > length:
             raise ValueError(f"length {length} is too short for {self.task}: the prompt without haystack and "
                              f"the answer budget take {total(0)} tokens")
-        lo, hi = 0, 1  # total(lo) fits, total(hi) does not: grow hi, then bisect
+        lo, hi = 0, 1  # RULER's binary search on the haystack size: total(lo) fits, total(hi) does not
         while total(hi) <= length:
             lo, hi = hi, 2 * hi
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if total(mid) <= length else (lo, mid)
-        k = lo
-        b = hay.boundary_near(k, depth / 100)
-
-        texts, ids = [head], list(head_ids)
-        context_start = len(ids)
-        for i in range(k + 1):  # units 0..k-1 with the needle before unit b (or after the last one)
-            if i == b:
-                needle_position = len(ids)
-                texts.append(needle if b == 0 else hay.sep + needle)
-                ids.extend(needle_first if b == 0 else needle_sep)
-            if i < k:
-                unit_text, unit_ids = hay.unit(i)
-                if i == 0 and b != 0:
-                    unit_text, unit_ids = hay.units[0], hay.first_ids
-                texts.append(unit_text)
-                ids.extend(unit_ids)
-        context_end = len(ids)
-        texts.append(question)
-        ids.extend(question_ids)
-        prompt_length = len(ids) + len(prefix_ids)
-        ids.extend(prefix_ids)
-        ids.extend(answer_ids)
+        texts, context_ids, needle_offset = hay.with_needle(
+            lo, hay.boundary_near(lo, depth / 100), needle, needle_bare, needle_sep
+        )
+        context_start, context_end = len(head_ids), len(head_ids) + len(context_ids)
+        ids = head_ids + context_ids + question_ids + prefix_ids
+        prompt_length = len(ids)
+        ids += answer_ids
         return NIAHSample(
             task=self.task, key=key, answer=value, depth=depth, max_length=length,
-            input="".join(texts), answer_prefix=prefix, token_ids=torch.tensor(ids, dtype=torch.long),
-            prompt_length=prompt_length, context_start=context_start, context_end=context_end,
-            needle_position=needle_position,
+            input=head + "".join(texts) + question, answer_prefix=prefix,
+            token_ids=torch.tensor(ids, dtype=torch.long), prompt_length=prompt_length,
+            context_start=context_start, context_end=context_end, needle_position=context_start + needle_offset,
         )
 
     def grid(
