@@ -8,6 +8,11 @@ A :class:`World` holds the true state (where every actor and object is, who hold
 told so far, with the story line that told each piece: questions are only asked about what the story
 determines, and their supporting facts are those lines.
 
+Departures from the Lua generator, for answers that are right and unambiguous: qa2 also asks about dropped
+objects (two facts: the dropper's move and the drop); qa3 asks "before the L" only when every visit of L follows
+the same location; qa5 asks about a give after 0-5 statements without gives (the Lua code reshuffles the
+statements since the last question instead); gives need giver and receiver in the same place.
+
 Stories use the released file format (:func:`format_story`): numbered lines restarting at 1 per story, questions
 as ``"{n} {question} \\t{answer}\\t{support line numbers}"``. :func:`parse_babi` reads that format into
 single-question samples the way BABILong's ``TaskDataset`` does, so real bAbI files work too.
@@ -263,23 +268,17 @@ class _Writer:
 
     def random_action(self, kinds: Sequence[str]) -> None:
         """One valid action of a kind drawn uniformly from ``kinds`` (redrawn while none is valid)."""
+        actions = {
+            "move": (self.world.valid_moves, self.move),
+            "get_drop": (self.world.valid_gets_drops, self.get_or_drop),
+            "give": (self.world.valid_gives, self.give),
+        }
         while True:
-            kind = self.rng.choice(kinds)
-            if kind == "move":
-                options = self.world.valid_moves()
-                if options:
-                    self.move(*self.rng.choice(options))
-                    return
-            elif kind == "get_drop":
-                options = self.world.valid_gets_drops()
-                if options:
-                    self.get_or_drop(*self.rng.choice(options))
-                    return
-            else:
-                options = self.world.valid_gives()
-                if options:
-                    self.give(*self.rng.choice(options))
-                    return
+            valid, act = actions[self.rng.choice(kinds)]
+            options = valid()
+            if options:
+                act(*self.rng.choice(options))
+                return
 
 
 def _qa1(rng: random.Random) -> list[StoryLine]:
