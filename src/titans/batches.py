@@ -1,0 +1,158 @@
+"""Batches for training and evaluation, built from a run config: a synthetic task or real text.
+
+Every source yields :class:`Batch` objects (inputs, targets, loss mask) and saves its position with
+``state_dict()`` for exact resume. Under DDP every rank builds the same *global* batch and keeps its own
+contiguous rows, so N processes see exactly the data of one process with the same global batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from titans.config import ConfigError, RunConfig
+from titans.data.loader import IGNORE_INDEX, RandomWindows, TokenStream
+from titans.data.synthetic import SyntheticDataset, SyntheticTask, make_task
+
+__all__ = ["Batch", "SyntheticBatches", "TextBatches", "make_batches", "make_task_from_config",
+           "text_tokenizer_name", "EVAL_SEED_OFFSET"]
+
+EVAL_SEED_OFFSET = 2**32  # held-out synthetic examples use seed + this: disjoint from every training seed
+_ENDLESS = 2**62  # synthetic datasets are indexed, not enumerated: "as many examples as needed"
+
+
+@dataclass
+class Batch:
+    """``inputs``, ``targets`` (B, T) int64 and ``loss_mask`` (B, T) bool: the positions that are scored."""
+
+    inputs: Tensor
+    targets: Tensor
+    loss_mask: Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.inputs.to(device), self.targets.to(device), self.loss_mask.to(device))
+
+    def rows(self, rank: int, world_size: int) -> Batch:
+        """This rank's contiguous share of the rows."""
+        per_rank = self.inputs.shape[0] // world_size
+        part = slice(rank * per_rank, (rank + 1) * per_rank)
+        return Batch(self.inputs[part], self.targets[part], self.loss_mask[part])
+
+    @property
+    def scored(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def _per_rank(batch_size: int, world_size: int, key: str) -> None:
+    if batch_size % world_size:
+        raise ConfigError(f"'{key}' ({batch_size}) must be divisible by the number of processes ({world_size})")
+
+
+class SyntheticBatches:
+    """Global batch ``k`` holds examples ``k*B .. (k+1)*B - 1`` of ``SyntheticDataset(task, seed)``; each rank
+    keeps its rows. The position is just ``k``."""
+
+    def __init__(self, task: SyntheticTask, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
+        self.dataset = SyntheticDataset(task, _ENDLESS, seed=seed)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.batch = 0
+
+    def __iter__(self) -> SyntheticBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        per_rank = self.batch_size // self.world_size
+        first = self.batch * self.batch_size + self.rank * per_rank
+        examples = [self.dataset[i] for i in range(first, first + per_rank)]
+        self.batch += 1
+        return Batch(*(torch.stack([e[key] for e in examples]) for key in ("inputs", "targets", "loss_mask")))
+
+    def state_dict(self) -> dict:
+        return {"batch": self.batch, "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state.get("seed"), state.get("batch_size")) != (self.seed, self.batch_size):
+            raise ValueError(f"data position was saved for seed={state.get('seed')}, batch_size="
+                             f"{state.get('batch_size')}, not seed={self.seed}, batch_size={self.batch_size}")
+        self.batch = int(state["batch"])
+
+
+class TextBatches:
+    """Shuffled windows of a token stream (:class:`~titans.data.loader.RandomWindows` over the global batch);
+    each rank keeps its rows. Every position is scored."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.windows = RandomWindows(stream, seq_len, batch_size, seed=seed)
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> TextBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        inputs, targets = next(self.windows)
+        return Batch(inputs, targets, targets != IGNORE_INDEX).rows(self.rank, self.world_size)
+
+    def state_dict(self) -> dict:
+        return self.windows.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.windows.load_state_dict(state)
+
+
+def text_tokenizer_name(config: RunConfig) -> str:
+    """The corpus tokenizer of a text run (``byte`` is accepted for ``bytes``)."""
+    name = config.data.tokenizer
+    return "bytes" if name == "byte" else name
+
+
+def make_task_from_config(config: RunConfig, seq_len: int | None = None, **overrides) -> SyntheticTask:
+    """The run's synthetic task at ``seq_len`` tokens (default ``train.seq_len``), with the model's vocabulary
+    unless ``data.kwargs`` sets ``vocab_size``."""
+    name = config.data.task
+    seq_len = config.train.seq_len if seq_len is None else seq_len
+    kwargs = {"vocab_size": config.model.vocab_size, **config.data.kwargs, **overrides}
+    if name != "copy":
+        if "seq_len" in config.data.kwargs:
+            raise ConfigError("set the sequence length with 'train.seq_len', not 'data.kwargs.seq_len'")
+        kwargs["seq_len"] = seq_len
+    try:
+        task = make_task(name, **kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"data.kwargs: {exc}") from None
+    if task.vocab_size > config.model.vocab_size:
+        raise ConfigError(f"the {name} task uses {task.vocab_size} tokens but 'model.vocab_size' is "
+                          f"{config.model.vocab_size}")
+    if task.seq_len != seq_len:  # copy: T = 2 * length + gap
+        raise ConfigError(f"copy sequences have 2 * length + gap = {task.seq_len} tokens but 'train.seq_len' is "
+                          f"{seq_len}; make them equal")
+    return task
+
+
+def make_batches(config: RunConfig, split: str = "train", *, rank: int = 0,
+                 world_size: int = 1) -> SyntheticBatches | TextBatches:
+    """Training batches (``split="train"``: ``train.batch_size`` sequences) or held-out ones (``"eval"``:
+    ``eval.batch_size`` sequences, the validation split of a text corpus, other seeds of a synthetic task)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    batch_size = config.train.batch_size if split == "train" else config.eval.batch_size
+    _per_rank(batch_size, world_size, "train.batch_size" if split == "train" else "eval.batch_size")
+    seed = config.train.seed if split == "train" else config.train.seed + EVAL_SEED_OFFSET
+    if config.data.task != "text":
+        return SyntheticBatches(make_task_from_config(config), batch_size, seed=seed, rank=rank,
+                                world_size=world_size)
+    stream = open_text_stream(config, "train" if split == "train" else "validation")
+    return TextBatches(stream, config.train.seq_len, batch_size, seed=seed, rank=rank, world_size=world_size)
+
+
+def open_text_stream(config: RunConfig, split: str) -> TokenStream:
+    """The run's prepared corpus split, checked against the model's vocabulary."""
+    data_dir = None if config.data.data_dir is None else Path(config.data.data_dir)
+    stream = TokenStream(data_dir, split, text_tokenizer_name(config))
+    if stream.vocab_size > config.model.vocab_size:
+        raise ConfigError(f"the {text_tokenizer_name(config)!r} tokenizer has {stream.vocab_size} tokens but "
+                          f"'model.vocab_size' is {config.model.vocab_size}")
+    return stream

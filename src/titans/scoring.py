@@ -1,0 +1,87 @@
+"""Scoring a model on batches: summed masked cross-entropy and exact-match counts, streamed through the model
+state in pieces so that memory use does not grow with the sequence length."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from titans.batches import Batch
+from titans.data.loader import IGNORE_INDEX
+
+__all__ = ["Scores", "masked_loss_sum", "score_batch"]
+
+
+def masked_loss_sum(logits: Tensor, targets: Tensor, loss_mask: Tensor) -> Tensor:
+    """Sum of the cross-entropy (fp32) over the scored positions."""
+    targets = targets.masked_fill(~loss_mask, IGNORE_INDEX)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+@dataclass
+class Scores:
+    """Running sums over scored positions; ``+`` merges two."""
+
+    loss_sum: float = 0.0  # nats
+    correct: int = 0  # positions whose arg-max is the target
+    count: int = 0  # scored positions
+    sequences_correct: int = 0  # sequences with every scored position right
+    sequences: int = 0  # sequences with at least one scored position
+
+    def __add__(self, other: Scores) -> Scores:
+        return Scores(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def to_tensor(self, device: torch.device | str = "cpu") -> Tensor:
+        return torch.tensor([getattr(self, f.name) for f in fields(self)], dtype=torch.float64, device=device)
+
+    @classmethod
+    def from_tensor(cls, t: Tensor) -> Scores:
+        values = t.tolist()
+        return cls(values[0], *(round(v) for v in values[1:]))
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.count if self.count else math.nan
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.count if self.count else math.nan
+
+    @property
+    def sequence_accuracy(self) -> float:
+        return self.sequences_correct / self.sequences if self.sequences else math.nan
+
+    def summary(self) -> dict[str, float]:
+        """loss, perplexity, bits per token, accuracy, sequence accuracy and the raw counts."""
+        return {"loss": self.loss, "perplexity": math.exp(min(self.loss, 700.0)),
+                "bits_per_token": self.loss / math.log(2), "accuracy": self.accuracy,
+                "sequence_accuracy": self.sequence_accuracy, **{k: v for k, v in asdict(self).items()
+                                                                 if k != "loss_sum"}}
+
+
+@torch.no_grad()
+def score_batch(model: nn.Module, batch: Batch, piece_len: int,
+                autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Scores:
+    """Stream ``batch`` through ``model`` (a :class:`~titans.model.TitansLM`) ``piece_len`` tokens at a time,
+    carrying its state, and score every position of ``loss_mask``. Only one piece's logits exist at a time."""
+    if piece_len < 1:
+        raise ValueError(f"piece_len must be >= 1, got {piece_len}")
+    state, scores = None, Scores()
+    wrong = torch.zeros(batch.inputs.shape[0], dtype=torch.bool, device=batch.inputs.device)
+    for start in range(0, batch.inputs.shape[1], piece_len):
+        piece = slice(start, start + piece_len)
+        with autocast():
+            logits, state = model(batch.inputs[:, piece], state)
+        targets, mask = batch.targets[:, piece], batch.loss_mask[:, piece]
+        hit = (logits.argmax(-1) == targets) & mask
+        wrong |= (mask & ~hit).any(dim=1)
+        scores += Scores(masked_loss_sum(logits, targets, mask).item(), int(hit.sum()), int(mask.sum()))
+    has_scored = batch.loss_mask.any(dim=1)
+    return scores + Scores(sequences_correct=int((has_scored & ~wrong).sum()), sequences=int(has_scored.sum()))

@@ -1,0 +1,351 @@
+"""The training loop of a run: ``train(config, run_dir)``.
+
+AdamW with warmup and cosine decay, gradient clipping and accumulation, autocast (bf16/fp16) where the device
+supports it, and truncated backpropagation through time over the memory state: each sequence is fed in
+``tbptt_segments`` segments that carry the model state forward, and gradients are cut every ``tbptt_horizon``
+segments. Under ``torchrun`` the model is wrapped in DistributedDataParallel, every rank trains on its rows of the
+global batch and rank 0 alone writes the run directory::
+
+    run_dir/config.yaml          the resolved config
+    run_dir/metrics.jsonl, .csv  training and evaluation metrics
+    run_dir/checkpoints/         model, optimizer, scheduler, RNG and data position (keep-last-N)
+    run_dir/loss.png             loss curves
+    run_dir/summary.json         the final numbers
+
+Resuming from the latest checkpoint is exact: on CPU a run that was interrupted and resumed ends with bitwise the
+same weights and loss curve as the run left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint as recompute
+from tqdm.auto import tqdm
+
+from titans.batches import Batch, make_batches
+from titans.checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
+from titans.config import ConfigError, RunConfig, load_yaml, save_yaml, to_dict
+from titans.distributed import DistInfo, barrier, init_distributed
+from titans.metrics import MetricsLogger, read_metrics
+from titans.model import TitansLM, TitansState
+from titans.optim import build_optimizer, build_scheduler
+from titans.plots import plot_loss_curves
+from titans.scoring import Scores, masked_loss_sum, score_batch
+
+__all__ = ["TrainingError", "SegmentLoss", "autocast_for", "train", "CONFIG_FILE", "SUMMARY_FILE"]
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+LOSS_PLOT = "loss.png"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: non-finite loss or gradients."""
+
+
+class SegmentLoss(nn.Module):
+    """Feeds a window of a batch through the LM in segments of ``segment_len`` tokens, carrying the state, and
+    returns the summed masked cross-entropy and the state after the window.
+
+    One forward of this module is followed by one backward, which is what DDP expects; with
+    ``recompute_segments`` each segment's activations are recomputed in the backward pass instead of stored.
+    """
+
+    def __init__(self, model: TitansLM, segment_len: int, recompute_segments: bool = False):
+        super().__init__()
+        self.model, self.segment_len, self.recompute_segments = model, segment_len, recompute_segments
+
+    def _segment(self, inputs: Tensor, targets: Tensor, mask: Tensor,
+                 state: TitansState | None) -> tuple[Tensor, TitansState]:
+        logits, state = self.model(inputs, state)
+        return masked_loss_sum(logits, targets, mask), state
+
+    def forward(self, inputs: Tensor, targets: Tensor, loss_mask: Tensor,
+                state: TitansState | None = None) -> tuple[Tensor, TitansState]:
+        total = inputs.new_zeros((), dtype=torch.float32)
+        for start in range(0, inputs.shape[1], self.segment_len):
+            piece = slice(start, start + self.segment_len)
+            args = (inputs[:, piece], targets[:, piece], loss_mask[:, piece], state)
+            if self.recompute_segments:
+                loss, state = recompute(self._segment, *args, use_reentrant=False)
+            else:
+                loss, state = self._segment(*args)
+            total = total + loss
+        return total, state
+
+
+def autocast_for(device: torch.device, precision: str) -> tuple[Callable[[], contextlib.AbstractContextManager],
+                                                                 str]:
+    """An autocast context factory for ``precision`` on ``device`` and the precision actually used: fp16 needs
+    CUDA; bf16 needs a CPU or a GPU that supports it. Otherwise fp32, with a warning."""
+    if precision == "fp16" and device.type != "cuda":
+        warnings.warn("fp16 autocast needs CUDA; training in fp32", stacklevel=2)
+        precision = "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        warnings.warn("this GPU does not support bf16; training in fp32", stacklevel=2)
+        precision = "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext, precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), precision
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        path = f"{prefix}{key}"
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            keys += _config_differences(a[key], b[key], path + ".")
+        elif a.get(key) != b.get(key):
+            keys.append(f"{path} ({a.get(key)!r} in the run, {b.get(key)!r} now)")
+    return keys
+
+
+class _Trainer:
+    def __init__(self, config: RunConfig, run_dir: Path, info: DistInfo, progress: bool):
+        self.config, self.run_dir, self.info, self.progress = config, run_dir, info, progress
+        train_cfg = config.train
+        self.autocast, self.precision = autocast_for(info.device, train_cfg.precision)
+        _seed_everything(train_cfg.seed)
+        self.model = TitansLM(config.model).to(info.device)
+        forward: nn.Module = SegmentLoss(self.model, train_cfg.seq_len // train_cfg.tbptt_segments,
+                                         train_cfg.activation_checkpointing)
+        if train_cfg.compile:
+            forward.model = torch.compile(self.model)  # self.model stays uncompiled: its state_dict keys are saved
+        self.forward = DistributedDataParallel(forward) if info.world_size > 1 else forward
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, train_cfg.steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.batches = make_batches(config, "train", rank=info.rank, world_size=info.world_size)
+        make_batches(config, "eval", rank=info.rank, world_size=info.world_size)  # fail now, not at the first eval
+        self.step = 0
+        self.window = {"loss_sum": 0.0, "steps": 0}  # training loss since the last log
+        self.tokens = 0
+        self.last_checkpoint: Path | None = None
+        self.last_eval: dict = {}
+
+    # -------------------------------------------------------------------------------------- run directory
+    def _say(self, message: str) -> None:
+        if self.info.is_main:
+            tqdm.write(message)
+
+    def _prepare_run_dir(self, resume: bool) -> Path | None:
+        """Checks and writes the run directory; returns the checkpoint to resume from (None: start afresh)."""
+        saved = self.run_dir / CONFIG_FILE
+        if not resume:
+            if saved.exists():
+                raise ConfigError(f"{self.run_dir} already holds a run; resume it (--resume {self.run_dir}) or "
+                                  f"choose another run directory")
+        else:
+            if not saved.exists():
+                raise FileNotFoundError(f"{saved}: no run to resume in {self.run_dir}")
+            differences = _config_differences(to_dict(load_yaml(saved, RunConfig)), to_dict(self.config))
+            if differences:
+                raise ConfigError(f"the config differs from the run's at {', '.join(differences)}; an exact resume "
+                                  f"needs the same config (start a new run to change it)")
+        barrier()  # every rank has checked before rank 0 writes
+        if self.info.is_main and not saved.exists():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(self.config, saved)
+            if self.config.data.task == "text":
+                tokenizer = self.batches.windows.stream.tokenizer_path
+                if tokenizer is not None and tokenizer.is_file():
+                    shutil.copyfile(tokenizer, self.run_dir / "tokenizer.json")
+        return latest_checkpoint(self.run_dir) if resume else None
+
+    def _restore(self, path: Path) -> None:
+        loaded = load_checkpoint(path, self.model, self.optimizer, self.scheduler, restore_rng=True)
+        extra = loaded["extra"]
+        self.step = loaded["step"]
+        self.batches.load_state_dict(extra["data"])
+        self.window, self.tokens = dict(extra["window"]), int(extra["tokens"])
+        if self.scaler is not None and extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
+        self.last_checkpoint = loaded["path"]
+        self._say(f"resumed {self.run_dir} from step {self.step} ({loaded['path'].name})")
+
+    def _save(self) -> None:
+        if self.info.is_main:
+            extra = {"config": to_dict(self.config), "data": self.batches.state_dict(), "window": self.window,
+                     "tokens": self.tokens, "scaler": None if self.scaler is None else self.scaler.state_dict()}
+            self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
+                                                   self.scheduler, extra, keep_last=self.config.train.keep_last)
+        barrier()
+
+    # -------------------------------------------------------------------------------------- one step
+    def _backward(self, micro_batches: list[Batch], scale: float) -> Tensor:
+        """Forward and backward every window of every micro-batch; the gradient is that of the global mean loss.
+        Returns this rank's summed loss. Gradients are synchronised across ranks in the last backward only."""
+        cfg = self.config.train
+        segment_len = cfg.seq_len // cfg.tbptt_segments
+        window_len = segment_len * (cfg.tbptt_horizon or cfg.tbptt_segments)
+        total = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        for i, batch in enumerate(micro_batches):
+            state = None
+            for start in range(0, cfg.seq_len, window_len):
+                last = i == len(micro_batches) - 1 and start + window_len >= cfg.seq_len
+                piece = slice(start, start + window_len)
+                sync = contextlib.nullcontext() if last or self.info.world_size == 1 else self.forward.no_sync()
+                with sync:
+                    with self.autocast():
+                        loss, state = self.forward(batch.inputs[:, piece], batch.targets[:, piece],
+                                                   batch.loss_mask[:, piece], state)
+                    scaled = loss * scale
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                total += loss.detach()
+                state = state.detach()  # truncated BPTT: no gradient beyond this window
+        return total
+
+    def _train_step(self) -> tuple[float, float, float, int]:
+        """One optimizer step; returns the mean loss, gradient norm, learning rate and tokens of the global batch."""
+        micro = [next(self.batches).to(self.info.device) for _ in range(self.config.optim.grad_accum)]
+        count = float(_all_reduce_sum(torch.tensor(float(sum(b.scored for b in micro)), device=self.info.device)))
+        if count == 0:
+            raise TrainingError(f"step {self.step + 1}: the batch has no scored position")
+        # DDP averages gradients over ranks: scale by world_size / count for the gradient of the global mean
+        loss_sum = float(_all_reduce_sum(self._backward(micro, self.info.world_size / count)))
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.config.optim.grad_clip
+        grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip is not None else math.inf))
+        loss = loss_sum / count
+        step = self.step + 1
+        where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
+        if not math.isfinite(loss):
+            raise TrainingError(f"non-finite loss ({loss}) at step {step}; training stopped, {where}")
+        if self.scaler is None and not math.isfinite(grad_norm):
+            raise TrainingError(f"non-finite gradient norm ({grad_norm}) at step {step}; training stopped, {where}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(b.inputs.numel() for b in micro) * self.info.world_size
+        return loss, grad_norm, lr, tokens
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss and accuracy on ``train.eval_batches`` held-out batches (the same ones every time)."""
+        cfg = self.config.train
+        source = make_batches(self.config, "eval", rank=self.info.rank, world_size=self.info.world_size)
+        self.model.eval()
+        scores = Scores()
+        for _ in range(cfg.eval_batches):
+            scores += score_batch(self.model, next(source).to(self.info.device),
+                                  cfg.seq_len // cfg.tbptt_segments, self.autocast)
+        self.model.train()
+        scores = Scores.from_tensor(_all_reduce_sum(scores.to_tensor(self.info.device)))
+        result = {"eval/loss": scores.loss, "eval/accuracy": scores.accuracy}
+        if self.config.data.task != "text":
+            result["eval/sequence_accuracy"] = scores.sequence_accuracy
+        self.last_eval = result
+        return result
+
+    # -------------------------------------------------------------------------------------- the loop
+    def run(self, resume: bool, stop_at: int | None) -> dict:
+        cfg = self.config.train
+        start_checkpoint = self._prepare_run_dir(resume)
+        if start_checkpoint is not None:
+            self._restore(start_checkpoint)
+        elif resume:
+            self._say(f"{self.run_dir} has no checkpoint yet: starting from step 0")
+        resumed_from = self.step if start_checkpoint is not None else None
+        logger = MetricsLogger(self.run_dir, enabled=self.info.is_main)
+        logger.truncate(self.step)  # records after the checkpoint are logged again
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.config.name, unit="step", dynamic_ncols=True,
+                   disable=not (self.progress and self.info.is_main))
+        started, window_started, window_tokens = time.perf_counter(), time.perf_counter(), 0
+        self.model.train()
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        try:
+            while self.step < end:
+                loss, grad_norm, lr, tokens = self._train_step()
+                self.step += 1
+                self.tokens += tokens
+                window_tokens += tokens
+                self.window = {"loss_sum": self.window["loss_sum"] + loss, "steps": self.window["steps"] + 1}
+                elapsed = time.perf_counter() - window_started
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{window_tokens / max(elapsed, 1e-9):,.0f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    logger.log({"train/loss": self.window["loss_sum"] / self.window["steps"],
+                                "train/lr": lr, "train/grad_norm": grad_norm,
+                                "train/tokens": self.tokens,
+                                "train/tokens_per_s": window_tokens / max(elapsed, 1e-9)}, step=self.step)
+                    self.window = {"loss_sum": 0.0, "steps": 0}
+                    window_started, window_tokens = time.perf_counter(), 0
+                if (cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps:
+                    result = self.evaluate()
+                    logger.log(result, step=self.step)
+                    self._say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == end:
+                    self._save()
+        finally:
+            bar.close()
+            logger.close()
+        if not self.last_eval and resumed_from == cfg.steps:
+            self.last_eval = self.evaluate()  # resumed a finished run: report its final evaluation
+        summary = {"run_dir": str(self.run_dir), "step": self.step, "resumed_from": resumed_from,
+                   "train_loss": _last(read_metrics(self.run_dir), "train/loss") if self.info.is_main else None,
+                   "eval": self.last_eval, "tokens": self.tokens, "elapsed_s": time.perf_counter() - started,
+                   "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                   "precision": self.precision, "world_size": self.info.world_size}
+        if self.info.is_main:
+            metrics = read_metrics(self.run_dir)
+            if any("train/loss" in r for r in metrics):
+                plot_loss_curves(metrics, self.run_dir / LOSS_PLOT)
+            atomic_write(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=1).encode("utf-8"))
+        barrier()
+        return summary
+
+
+def _last(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if key in r]
+    return values[-1] if values else None
+
+
+def train(config: RunConfig, run_dir: str | Path, resume: bool = False, *, stop_at: int | None = None,
+          progress: bool = True) -> dict:
+    """Train ``config`` into ``run_dir`` (resuming its latest checkpoint when ``resume``); returns the summary.
+
+    ``stop_at`` ends this session after that step with a checkpoint (to fit a time slot); resume it later.
+    Under ``torchrun`` this joins the process group, trains with DDP and leaves the group at the end.
+    Raises :class:`~titans.config.ConfigError` for an unusable config or run directory and
+    :class:`TrainingError` when the loss or the gradients stop being finite.
+    """
+    joined = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(config.train.device)
+    try:
+        return _Trainer(config, Path(run_dir), info, progress).run(resume, stop_at)
+    finally:
+        if joined and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
