@@ -16,7 +16,6 @@ any object is modified.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -29,6 +28,8 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
+
+from titans.fileio import TMP_PREFIX, atomic_write, fsync_dir, sha256_file
 
 __all__ = [
     "CheckpointError",
@@ -49,7 +50,6 @@ STATE_FILE = "state.safetensors"
 META_FILE = "checkpoint.json"
 LATEST_FILE = "latest"
 _NAME = re.compile(r"^ckpt-(\d+)$")
-_TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
@@ -60,44 +60,9 @@ class CheckpointError(RuntimeError):
 # Atomic file system operations.
 
 
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,7 +227,7 @@ def _to_storable(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
     safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
     _fsync_file(path)
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,11 +256,11 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"{_TMP_PREFIX}*"):  # left behind by a run killed while saving
+    for stale in root.glob(f"{TMP_PREFIX}*"):  # left behind by a run killed while saving
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
     name = f"ckpt-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=root))
     try:
         model_tensors, model_aliases = _to_storable(model.state_dict())
         state_tensors: dict[str, torch.Tensor] = {}
@@ -315,17 +280,17 @@ def save_checkpoint(
         }
         (tmp / META_FILE).write_bytes(json.dumps(meta, indent=1).encode("utf-8"))
         _fsync_file(tmp / META_FILE)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
 
         final = root / name
         if final.exists():  # the same step saved again: move the old one out of the way first
-            old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}old-", dir=root))
+            old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-", dir=root))
             os.replace(final, old / name)
             os.replace(tmp, final)
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -369,7 +334,7 @@ def _read_tensors(ckpt: Path, filename: str, meta: dict) -> dict[str, torch.Tens
     size = path.stat().st_size
     if size != record["bytes"]:
         raise CheckpointError(f"{path}: truncated or wrong size: expected {record['bytes']} bytes, found {size}")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != record["sha256"]:
         raise CheckpointError(f"{path}: sha256 mismatch: recorded {record['sha256']}, found {digest}")
     try:

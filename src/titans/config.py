@@ -403,7 +403,7 @@ def load_yaml(path: str | Path, cls: type) -> Any:
 
 def save_yaml(obj: Any, path: str | Path) -> None:
     """Write a dataclass as YAML atomically (temp file, fsync, rename)."""
-    from titans.checkpoint import atomic_write
+    from titans.fileio import atomic_write
 
     text = yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=None)
     atomic_write(path, text.encode("utf-8"))

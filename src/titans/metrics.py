@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from titans.checkpoint import atomic_write
+from titans.fileio import atomic_write
 
 __all__ = ["JSONL_FILE", "CSV_FILE", "MetricsLogger", "read_metrics"]
 

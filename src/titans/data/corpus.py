@@ -17,11 +17,9 @@ from __future__ import annotations
 import bz2
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
-import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -29,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from titans.data.registry import default_cache_dir, fetch, read_members, sha256_file
+from titans.data.registry import default_cache_dir, fetch, read_members
 from titans.data.tokenizer import BPETokenizer, ByteTokenizer, gpt2_tokenizer
+from titans.fileio import atomic_write, sha256_file
 
 __all__ = [
     "SPLITS", "SOURCES", "Source", "Manifest", "prepare", "verify", "load_manifest", "default_data_dir",
@@ -269,23 +268,12 @@ def verify(data_dir: Path | None = None) -> Manifest:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file next to ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")  # usual permissions, unlike mkstemp
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _record(manifest: Manifest, data_dir: Path, path: Path) -> None:
@@ -348,7 +336,7 @@ def _tokenize(manifest: Manifest, data_dir: Path, name: str, split_docs: dict[st
     """Train/load tokenizer ``name``, write one token array and one offsets array per split."""
     folder = data_dir / "tokens" / name
     tokenizer = make_tokenizer(name, (d["text"] for d in split_docs["train"]), cache_dir)
-    _atomic_write(folder / "tokenizer.json", tokenizer.save)
+    atomic_write(folder / "tokenizer.json", tokenizer.save)
     _record(manifest, data_dir, folder / "tokenizer.json")
     dtype = next(t for t in (np.uint8, np.uint16, np.uint32) if tokenizer.vocab_size <= np.iinfo(t).max + 1)
     counts = {}
@@ -404,7 +392,7 @@ def prepare(data_dir: Path | None = None, *, tokenizer: str = "bpe8k", sources: 
         for name in missing:
             _tokenize(manifest, data_dir, name, split_docs, cache_dir)
         manifest.build_seconds += time.perf_counter() - start
-        _atomic_write(manifest_path, lambda tmp: tmp.write_text(manifest.to_json(), encoding="utf-8"))
+        atomic_write(manifest_path, lambda tmp: tmp.write_text(manifest.to_json(), encoding="utf-8"))
         return manifest
 
     start = time.perf_counter()
@@ -416,7 +404,7 @@ def prepare(data_dir: Path | None = None, *, tokenizer: str = "bpe8k", sources: 
     manifest = Manifest(recipe=recipe, sources=entries, splits={})
     for split, docs in split_docs.items():
         path = data_dir / "text" / f"{split}.jsonl"
-        _atomic_write(path, lambda tmp, docs=docs: tmp.write_text(
+        atomic_write(path, lambda tmp, docs=docs: tmp.write_text(
             "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"))
         _record(manifest, data_dir, path)
         manifest.splits[split] = {"documents": [d["id"] for d in docs],
@@ -424,7 +412,7 @@ def prepare(data_dir: Path | None = None, *, tokenizer: str = "bpe8k", sources: 
     for name in wanted:
         _tokenize(manifest, data_dir, name, split_docs, cache_dir)
     manifest.build_seconds = time.perf_counter() - start
-    _atomic_write(manifest_path, lambda tmp: tmp.write_text(manifest.to_json(), encoding="utf-8"))
+    atomic_write(manifest_path, lambda tmp: tmp.write_text(manifest.to_json(), encoding="utf-8"))
     return manifest
 
 

@@ -7,7 +7,6 @@ archives are cached under ``<cache>/registry/`` and members are read straight fr
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 import re
 import shutil
@@ -18,22 +17,15 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-__all__ = ["default_cache_dir", "fetch", "read_members", "sha256_file"]
+from titans.fileio import sha256_file
+
+__all__ = ["default_cache_dir", "fetch", "read_members"]
 
 
 def default_cache_dir() -> Path:
     """``$TITANS_CACHE`` if set, else ``~/.cache/titans``."""
     env = os.environ.get("TITANS_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "titans"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _spec_dir(registry: Path, spec: str, binary: bool) -> Path:
