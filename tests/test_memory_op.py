@@ -222,3 +222,16 @@ def test_gradient_clipping_matches_reference(depth):
     assert rel_err(y, y_ref) < 1e-10 and rel_err(y_general, y_ref) < 1e-10
     assert rel_err(current_weights(memory, state, max_grad_norm=0.5)["w0"], w_ref["w0"]) < 1e-10
     assert rel_err(y_unclipped, y_ref) > 1e-3, "clipping was never active: the test is vacuous"
+
+
+def test_chunk_checkpointing_gives_the_same_values_and_gradients():
+    memory = MLPMemory(dim=4, depth=2, hidden=6)
+    params = memory.init_params(3, generator=torch.Generator().manual_seed(21), dtype=F64)
+    results = []
+    for checkpointed in (False, True):
+        inputs = [x.clone().requires_grad_() for x in make_inputs(seed=22)]
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        y, _ = memory_scan(memory, p, *inputs, chunk_size=4, max_grad_norm=1.0, checkpoint_chunks=checkpointed)
+        results.append([y] + list(torch.autograd.grad(y.square().sum(), list(p.values()) + inputs)))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)

@@ -64,13 +64,14 @@ class NeuralMemory(nn.Module):
             values at initialisation (conservative by default, so an untrained memory stays finite).
         max_grad_norm: per-token bound on the norm of the surprise gradient (None: the paper's rule unclipped). With
             bounded steps and forgetting the memory weights stay bounded however long the stream.
+        checkpoint_chunks: activation checkpointing per memory chunk (less training memory, one more forward).
     """
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, memory_depth: int = 2,
                  memory_expansion: float = 2.0, chunk_size: int = 64, activation: str = "silu",
                  memory_residual: bool = False, momentum: bool = True, forgetting: bool = True, use_conv: bool = True,
                  conv_kernel: int = 4, max_lr: float = 0.1, init_lr: float = 0.01, init_momentum: float = 0.5,
-                 init_decay: float = 0.001, max_grad_norm: float | None = 1.0):
+                 init_decay: float = 0.001, max_grad_norm: float | None = 1.0, checkpoint_chunks: bool = False):
         super().__init__()
         if dim < 1 or heads < 1:
             raise ValueError(f"dim and heads must be positive, got dim={dim}, heads={heads}")
@@ -80,7 +81,7 @@ class NeuralMemory(nn.Module):
         if not 0 < init_lr < max_lr:
             raise ValueError(f"need 0 < init_lr < max_lr, got init_lr={init_lr}, max_lr={max_lr}")
         self.dim, self.heads, self.head_dim, self.chunk_size = dim, heads, head_dim, chunk_size
-        self.max_lr, self.max_grad_norm = max_lr, max_grad_norm
+        self.max_lr, self.max_grad_norm, self.checkpoint_chunks = max_lr, max_grad_norm, checkpoint_chunks
         self.use_momentum, self.use_forgetting = momentum, forgetting
         self.memory = MLPMemory(dim=head_dim, depth=memory_depth, hidden=max(1, round(head_dim * memory_expansion)),
                                 activation=activation, residual=memory_residual)
@@ -154,7 +155,8 @@ class NeuralMemory(nn.Module):
             cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
             retrieved, state.memory = memory_scan(
                 self.memory, state.memory.weights, cast(k), cast(v), cast(q), cast(lr), cast(gates[1]),
-                cast(gates[2]), self.chunk_size, state=state.memory, max_grad_norm=self.max_grad_norm)
+                cast(gates[2]), self.chunk_size, state=state.memory, max_grad_norm=self.max_grad_norm,
+                checkpoint_chunks=self.checkpoint_chunks)
         return self._output(retrieved, x), state
 
     def retrieve(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:

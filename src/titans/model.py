@@ -69,21 +69,25 @@ class TitansConfig:
         return dataclasses.replace(self, **changes)
 
 
-# The paper's model shapes (Section 5.1; trained on 15B tokens there, here they must build and run).
-PRESETS: dict[str, dict] = {
-    "tiny": dict(dim=32, layers=2, heads=2, window=16, segment_len=16, chunk_size=8, num_persistent=2),
-    "small": dict(dim=128, layers=4, heads=4, window=64, segment_len=64, chunk_size=16),
-    "170m": dict(vocab_size=32000, dim=768, layers=12, heads=12, window=512, segment_len=512, chunk_size=64,
-                 num_persistent=16),
-    "340m": dict(vocab_size=32000, dim=1024, layers=24, heads=16, window=512, segment_len=512, chunk_size=64,
-                 num_persistent=16),
+# Named sizes. Those with a parameter target are matched per variant (SwiGLU width) so that every variant and
+# baseline of one size has the same parameter count within 5%; 170m and 340m are the paper's shapes (Section 5.1).
+PRESETS: dict[str, tuple[dict, int | None]] = {
+    "tiny": (dict(dim=32, layers=2, heads=2, window=16, segment_len=16, chunk_size=8, num_persistent=2), None),
+    "small": (dict(dim=128, layers=4, heads=4, window=64, segment_len=64, chunk_size=16), 1_500_000),
+    "170m": (dict(vocab_size=32000, dim=768, layers=12, heads=12, window=512, segment_len=512, chunk_size=64,
+                  num_persistent=16), 170_000_000),
+    "340m": (dict(vocab_size=32000, dim=1024, layers=24, heads=16, window=512, segment_len=512, chunk_size=64,
+                  num_persistent=16), 340_000_000),
 }
 
 
 def preset(name: str, variant: str = "mac", **overrides) -> TitansConfig:
+    """A named size for a variant; sizes with a parameter target are matched to it (see PRESETS)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return TitansConfig(variant=variant, **{**PRESETS[name], **overrides})
+    shape, target = PRESETS[name]
+    config = TitansConfig(variant=variant, **{**shape, **overrides})
+    return config if target is None or "ffn_hidden" in overrides else match_parameters(config, target)
 
 
 def _memory(config: TitansConfig, *, depth: int | None = None, momentum: bool | None = None,
@@ -159,6 +163,12 @@ class TitansLM(nn.Module):
             new_states.append(layer_state)
         position = (0 if state is None else state.position) + tokens.shape[1]
         return self.head(self.norm(x)), TitansState(new_states, position)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute every memory chunk in the backward pass instead of storing its intermediates."""
+        for module in self.modules():
+            if isinstance(module, NeuralMemory):
+                module.checkpoint_chunks = enabled
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from .mlp_memory import MLPMemory, Params
@@ -135,8 +136,10 @@ class GateProducts:
         eta, e = (None, torch.zeros_like(like)) if momentum is None else _decay_products(momentum)
         return cls(P, b, eta, e)
 
-    def chunk(self, c: int) -> "GateProducts":
-        return GateProducts(self.P[:, c], self.b[:, c], None if self.eta is None else self.eta[:, c], self.e[:, c])
+    def unbind(self) -> list["GateProducts"]:
+        """One GateProducts per chunk (unbind: a single backward node, not a full-size gradient per chunk)."""
+        etas = [None] * self.P.shape[1] if self.eta is None else self.eta.unbind(1)
+        return [GateProducts(*parts) for parts in zip(self.P.unbind(1), self.b.unbind(1), etas, self.e.unbind(1))]
 
     def coefficients(self, lr: Tensor) -> ChunkCoefficients:
         Q = torch.diag_embed(lr) if self.eta is None else self.eta * lr.unsqueeze(-2)  # no momentum: S_i = -theta_i G_i
@@ -266,9 +269,37 @@ def _cat_pending(pending: PendingTokens | None, name: str, new: Tensor | None) -
     return torch.cat([old, new], dim=1)
 
 
+def _call(fn, *args):
+    return fn(*args)
+
+
+def _chunk_step(memory_fn: MemoryFn, W: Params, S: Params, keys: Tensor, values: Tensor, queries: Tensor, lr: Tensor,
+                products: GateProducts, max_grad_norm: float | None, complete: bool) -> tuple[Tensor, Params, Params]:
+    """One chunk: the retrievals of its tokens and, if the chunk is complete, W and S after it."""
+    if isinstance(memory_fn, MLPMemory):
+        inputs, deltas = _inner_gradient_factors(memory_fn, W, keys, values)
+        if max_grad_norm is not None:
+            lr = lr * _clip_scale(_squared_gradient_norms(inputs, deltas), max_grad_norm)
+        co = products.coefficients(lr)
+        y = _retrieve_in_chunk(memory_fn, W, S, queries, inputs, deltas, co, products.eta is not None)
+        if complete:
+            W, S = _advance(memory_fn, W, S, inputs, deltas, co.last_row())
+        return y, W, S
+    grads = _per_token_grads(memory_fn, W, keys, values)
+    if max_grad_norm is not None:
+        lr = lr * _clip_scale(sum(g.flatten(2).square().sum(-1) for g in grads.values()), max_grad_norm)
+    co = products.coefficients(lr)
+    y = _read_per_token(memory_fn, _weights_at(co, W, S, grads), queries)
+    if complete:
+        end = co.last_row()
+        W, S = {k: w.squeeze(1) for k, w in _weights_at(end, W, S, grads).items()}, _momentum_at_end(end, S, grads)
+    return y, W, S
+
+
 def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tensor, queries: Tensor, lr: Tensor,
                 momentum: Tensor | None, decay: Tensor | None, chunk_size: int,
-                state: MemoryState | None = None, max_grad_norm: float | None = None) -> tuple[Tensor, MemoryState]:
+                state: MemoryState | None = None, max_grad_norm: float | None = None,
+                checkpoint_chunks: bool = False) -> tuple[Tensor, MemoryState]:
     """Store (keys, values) into the memory and read it with `queries`, token by token, with chunked gradients.
 
     memory_fn: f(params, x), a pure function of batched params (BH, ...) and inputs (BH, N, d), rows independent; an
@@ -279,6 +310,8 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
         [0, 1], None: no forgetting): (BH, T).
     max_grad_norm: if set, each token's surprise gradient is scaled to norm <= max_grad_norm (a stabiliser that is
         not in the paper; None gives the paper's rule exactly).
+    checkpoint_chunks: activation checkpointing per chunk: backward recomputes each chunk from its start state, so
+        training memory holds only the chunk-boundary weights instead of every chunk's intermediates.
     Returns the retrievals y_t = f(W_t, q_t) of shape (BH, T, d_v) and the state after the last token.
     """
     _check_inputs(keys, values, queries, lr, momentum, decay, chunk_size)
@@ -303,30 +336,16 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
         x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, padding))
         return x.reshape(bh, n_chunks, chunk_size, *x.shape[2:])
 
-    products = GateProducts.build(chunked(momentum), chunked(decay), like=chunked(lr))
-    ks, vs, qs, lrs = chunked(keys), chunked(values), chunked(queries), chunked(lr)
-    fast = isinstance(memory_fn, MLPMemory)
+    products = GateProducts.build(chunked(momentum), chunked(decay), like=chunked(lr)).unbind()
+    ks, vs, qs, lrs = (chunked(x).unbind(1) for x in (keys, values, queries, lr))
+    step = torch.utils.checkpoint.checkpoint if checkpoint_chunks and torch.is_grad_enabled() else _call
     W, S = state.weights, state.momentum
     outputs = []
     for c in range(n_chunks):
         complete = c < n_chunks - 1 or padding == 0
-        if fast:
-            inputs, deltas = _inner_gradient_factors(memory_fn, W, ks[:, c], vs[:, c])
-            squared_norms = _squared_gradient_norms(inputs, deltas) if max_grad_norm is not None else None
-        else:
-            grads = _per_token_grads(memory_fn, W, ks[:, c], vs[:, c])
-            squared_norms = sum(g.flatten(2).square().sum(-1) for g in grads.values())
-        step = lrs[:, c] if max_grad_norm is None else lrs[:, c] * _clip_scale(squared_norms, max_grad_norm)
-        co = products.chunk(c).coefficients(step)
-        if fast:
-            outputs.append(_retrieve_in_chunk(memory_fn, W, S, qs[:, c], inputs, deltas, co, momentum is not None))
-            if complete:
-                W, S = _advance(memory_fn, W, S, inputs, deltas, co.last_row())
-        else:
-            outputs.append(_read_per_token(memory_fn, _weights_at(co, W, S, grads), qs[:, c]))
-            if complete:
-                end = co.last_row()
-                W, S = {k: w.squeeze(1) for k, w in _weights_at(end, W, S, grads).items()}, _momentum_at_end(end, S, grads)
+        y, W, S = step(_chunk_step, memory_fn, W, S, ks[c], vs[c], qs[c], lrs[c], products[c], max_grad_norm,
+                       complete, **({"use_reentrant": False} if step is not _call else {}))
+        outputs.append(y)
 
     retrieved = torch.cat(outputs, dim=1)[:, offset:total]
     new_pending = None
