@@ -73,7 +73,8 @@ def layer_case(args: argparse.Namespace, length: int, backward: bool) -> tuple[f
     """(tokens/s, peak MiB) of NeuralMemory over (1, length, dim) inputs."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    layer = NeuralMemory(args.dim, args.heads, memory_depth=args.depth, chunk_size=args.chunk_size).to(device)
+    layer = NeuralMemory(args.dim, args.heads, memory_depth=args.depth, chunk_size=args.chunk_size,
+                         checkpoint_chunks=args.checkpoint_chunks).to(device)
     x = torch.randn(1, length, args.dim, device=device, requires_grad=backward)
 
     def step() -> None:
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--depth", type=int, default=2, help="memory_depth L_M")
     parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--checkpoint-chunks", action="store_true", help="activation checkpointing per memory chunk")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes of the layer and of the fast op")
     parser.add_argument("--naive-repeats", type=int, default=2, help="timed passes of the naive op")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -146,6 +148,7 @@ def main() -> None:
 
     mib = "peak CUDA MiB above baseline" if args.device == "cuda" else "peak RSS growth MiB (fresh process)"
     print(f"# NeuralMemory on {args.device}, float32, batch 1: dim={args.dim} heads={args.heads} depth={args.depth} "
+          f"checkpoint_chunks={args.checkpoint_chunks} "
           f"chunk_size={args.chunk_size} torch={torch.__version__} threads={torch.get_num_threads()}, "
           f"median of {args.repeats} after 1 warm-up\n")
     _row("T", "fwd tokens/s", f"fwd {mib}", "fwd+bwd tokens/s", f"fwd+bwd {mib}")
