@@ -1,0 +1,173 @@
+"""TitansLM: every variant streams exactly, is causal, learns, and its parts (memory, persistent tokens) matter."""
+
+import pytest
+import torch
+
+from titans.memory import NeuralMemory
+from titans.model import VARIANTS, TitansConfig, TitansLM, count_parameters, match_parameters, preset
+
+F64 = torch.float64
+MEMORY_VARIANTS = ("mac", "mag", "mal", "lmm")
+
+
+def tiny(variant, **kw):
+    torch.manual_seed(0)
+    return TitansLM(preset("tiny", variant, vocab_size=32, **kw)).to(F64)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_streaming_equals_whole_sequence(variant):
+    model = tiny(variant)
+    tokens = torch.randint(0, 32, (2, 41))
+    whole, _ = model(tokens)
+    for splits in ([16, 16, 9], [5, 11, 1, 24]):  # at segment/chunk boundaries (16, 8) and anywhere
+        state, outs, start = None, [], 0
+        for n in splits:
+            logits, state = model(tokens[:, start:start + n], state)
+            outs.append(logits)
+            start += n
+        assert torch.allclose(torch.cat(outs, 1), whole, rtol=0, atol=1e-10), splits
+        assert state.position == 41
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causal(variant):
+    model = tiny(variant)
+    tokens = torch.randint(0, 32, (1, 40))
+    logits, _ = model(tokens)
+    for t in (3, 17, 39):
+        changed = tokens.clone()
+        changed[0, t] = (changed[0, t] + 1) % 32
+        logits2, _ = model(changed)
+        assert torch.equal(logits2[:, :t], logits[:, :t]), f"position {t} leaked backwards"
+        assert not torch.allclose(logits2[:, t], logits[:, t])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_window_state_is_constant_and_only_the_transformer_cache_grows(variant):
+    model = tiny(variant).float()
+    state, sizes = None, []
+    with torch.no_grad():
+        for _ in range(6):
+            _, state = model(torch.randint(0, 32, (1, 16)), state)
+            sizes.append(_state_bytes(state))
+    if variant == "transformer":
+        assert sizes[-1] > sizes[1]
+    else:
+        assert sizes[-1] == sizes[1], sizes
+
+
+def _state_bytes(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return sum(_state_bytes(getattr(obj, f)) for f in obj.__dataclass_fields__)
+    return 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_overfits_a_tiny_batch(variant):
+    torch.manual_seed(0)
+    model = TitansLM(preset("tiny", variant, vocab_size=16))
+    tokens = torch.randint(0, 16, (2, 33))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        logits, _ = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.3, f"{variant} did not fit 64 tokens: loss {loss.item():.3f} (chance: 2.77)"
+
+
+def _memories(model):
+    return [m for m in model.modules() if isinstance(m, NeuralMemory)]
+
+
+@pytest.mark.parametrize("variant", MEMORY_VARIANTS)
+def test_memory_and_persistent_tokens_reach_the_output(variant):
+    model = tiny(variant)
+    tokens = torch.randint(0, 32, (1, 20))
+    base, _ = model(tokens)
+    persistent = [p for n, p in model.named_parameters() if n.endswith("persistent")]
+    assert persistent, "no persistent memory tokens"
+    with torch.no_grad():
+        for p in persistent:
+            p.zero_()
+    without_persistent, _ = model(tokens)
+    assert not torch.allclose(without_persistent, base)
+    model = tiny(variant)
+    with torch.no_grad():
+        for memory in _memories(model):
+            memory.to_out.weight.zero_()
+    without_memory, _ = model(tokens)
+    assert not torch.allclose(without_memory, base)
+
+
+def test_ablation_switches_remove_their_part():
+    def memories(**kw):
+        return _memories(TitansLM(preset("tiny", "mac", **kw)))
+
+    assert all(m.to_momentum is None for m in memories(momentum=False))
+    assert all(m.to_decay is None for m in memories(forgetting=False))
+    assert all(len(m.convs) == 0 for m in memories(memory_conv=False))
+    assert all(list(m.initial_weights) == ["w0"] for m in memories(memory_depth=1))
+    assert all(m.chunk_size == 4 for m in memories(chunk_size=4))
+    for variant in MEMORY_VARIANTS:
+        names = [n for n, _ in TitansLM(preset("tiny", variant, num_persistent=0)).named_parameters()]
+        assert not any(n.endswith("persistent") for n in names)
+    assert all(m.memory.depth == 1 and m.to_momentum is None for m in _memories(TitansLM(preset("tiny", "deltanet"))))
+    ttt = _memories(TitansLM(preset("tiny", "ttt")))
+    assert all(m.to_momentum is None and m.to_decay is None and m.memory.depth == 2 for m in ttt)
+
+
+def test_parameter_counting_and_matching():
+    config = preset("tiny", "mag")
+    model = TitansLM(config)
+    assert count_parameters(config) == sum(p.numel() for p in set(model.parameters()))
+    assert sum(count_parameters(config, by_component=True).values()) == count_parameters(config)
+    counts = {v: count_parameters(preset("small", v)) for v in VARIANTS}
+    assert max(counts.values()) <= 1.05 * min(counts.values()), counts
+    with pytest.raises(ValueError, match="cannot match"):
+        match_parameters(config, 100)
+
+
+@pytest.mark.parametrize("size,variant", [("170m", "mac"), ("340m", "mag")])
+def test_paper_sizes_build_and_run(size, variant):
+    config = preset(size, variant)
+    assert abs(count_parameters(config) / int(size[:-1]) / 1e6 - 1) < 0.05
+    torch.manual_seed(0)
+    model = TitansLM(config)
+    with torch.no_grad():
+        logits, _ = model(torch.randint(0, config.vocab_size, (1, 8)))
+    assert logits.shape == (1, 8, config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_generate_greedy_matches_full_recomputation_and_top_k_sampling():
+    model = tiny("mac")
+    prompt = torch.randint(0, 32, (1, 10))
+    out = model.generate(prompt, 12)
+    seq = prompt
+    for _ in range(12):  # no state: recompute the whole sequence every step
+        logits, _ = model(seq)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+    g = torch.Generator().manual_seed(0)
+    sampled = model.generate(prompt, 20, temperature=1.0, top_k=1, generator=g)
+    assert torch.equal(sampled, model.generate(prompt, 20))  # top_k = 1 is greedy
+
+
+def test_bad_inputs_are_named():
+    model = tiny("lmm")
+    with pytest.raises(ValueError, match="token id 40 is out of range for vocab_size 32"):
+        model(torch.tensor([[1, 40]]))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown variant"):
+        TitansConfig(variant="mamba")
+    with pytest.raises(ValueError, match="divisible"):
+        TitansConfig(dim=30, heads=4)
