@@ -64,14 +64,15 @@ class NeuralMemory(nn.Module):
             values at initialisation (conservative by default, so an untrained memory stays finite).
         max_grad_norm: per-token bound on the norm of the surprise gradient (None: the paper's rule unclipped). With
             bounded steps and forgetting the memory weights stay bounded however long the stream.
-        checkpoint_chunks: activation checkpointing per memory chunk (less training memory, one more forward).
+        checkpoint_chunks: activation checkpointing in groups of this many memory chunks (0: off): less training
+            memory for one more forward pass.
     """
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, memory_depth: int = 2,
                  memory_expansion: float = 2.0, chunk_size: int = 64, activation: str = "silu",
                  memory_residual: bool = False, momentum: bool = True, forgetting: bool = True, use_conv: bool = True,
                  conv_kernel: int = 4, max_lr: float = 0.1, init_lr: float = 0.01, init_momentum: float = 0.5,
-                 init_decay: float = 0.001, max_grad_norm: float | None = 1.0, checkpoint_chunks: bool = False):
+                 init_decay: float = 0.001, max_grad_norm: float | None = 1.0, checkpoint_chunks: int = 0):
         super().__init__()
         if dim < 1 or heads < 1:
             raise ValueError(f"dim and heads must be positive, got dim={dim}, heads={heads}")

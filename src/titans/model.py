@@ -164,11 +164,12 @@ class TitansLM(nn.Module):
         position = (0 if state is None else state.position) + tokens.shape[1]
         return self.head(self.norm(x)), TitansState(new_states, position)
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        """Recompute every memory chunk in the backward pass instead of storing its intermediates."""
+    def set_activation_checkpointing(self, chunks: int) -> None:
+        """Recompute the memory in groups of `chunks` chunks in the backward pass instead of storing its
+        intermediates (0 or False: off; True: every chunk)."""
         for module in self.modules():
             if isinstance(module, NeuralMemory):
-                module.checkpoint_chunks = enabled
+                module.checkpoint_chunks = int(chunks)
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,

@@ -269,10 +269,6 @@ def _cat_pending(pending: PendingTokens | None, name: str, new: Tensor | None) -
     return torch.cat([old, new], dim=1)
 
 
-def _call(fn, *args):
-    return fn(*args)
-
-
 def _chunk_step(memory_fn: MemoryFn, W: Params, S: Params, keys: Tensor, values: Tensor, queries: Tensor, lr: Tensor,
                 products: GateProducts, max_grad_norm: float | None, complete: bool) -> tuple[Tensor, Params, Params]:
     """One chunk: the retrievals of its tokens and, if the chunk is complete, W and S after it."""
@@ -296,10 +292,19 @@ def _chunk_step(memory_fn: MemoryFn, W: Params, S: Params, keys: Tensor, values:
     return y, W, S
 
 
+def _chunk_group(memory_fn: MemoryFn, W: Params, S: Params, chunks: list, max_grad_norm: float | None):
+    """Consecutive chunks, (keys, values, queries, lr, products, complete) each: their retrievals, W and S after."""
+    outputs = []
+    for keys, values, queries, lr, products, complete in chunks:
+        y, W, S = _chunk_step(memory_fn, W, S, keys, values, queries, lr, products, max_grad_norm, complete)
+        outputs.append(y)
+    return torch.cat(outputs, dim=1), W, S
+
+
 def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tensor, queries: Tensor, lr: Tensor,
                 momentum: Tensor | None, decay: Tensor | None, chunk_size: int,
                 state: MemoryState | None = None, max_grad_norm: float | None = None,
-                checkpoint_chunks: bool = False) -> tuple[Tensor, MemoryState]:
+                checkpoint_chunks: int = 0) -> tuple[Tensor, MemoryState]:
     """Store (keys, values) into the memory and read it with `queries`, token by token, with chunked gradients.
 
     memory_fn: f(params, x), a pure function of batched params (BH, ...) and inputs (BH, N, d), rows independent; an
@@ -310,8 +315,9 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
         [0, 1], None: no forgetting): (BH, T).
     max_grad_norm: if set, each token's surprise gradient is scaled to norm <= max_grad_norm (a stabiliser that is
         not in the paper; None gives the paper's rule exactly).
-    checkpoint_chunks: activation checkpointing per chunk: backward recomputes each chunk from its start state, so
-        training memory holds only the chunk-boundary weights instead of every chunk's intermediates.
+    checkpoint_chunks: activation checkpointing: with n > 0, backward recomputes each group of n chunks from its start
+        state, so training holds the weights of every n-th chunk boundary only, instead of every chunk's
+        intermediates (small chunks stay affordable). 0: off.
     Returns the retrievals y_t = f(W_t, q_t) of shape (BH, T, d_v) and the state after the last token.
     """
     _check_inputs(keys, values, queries, lr, momentum, decay, chunk_size)
@@ -338,13 +344,18 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
 
     products = GateProducts.build(chunked(momentum), chunked(decay), like=chunked(lr)).unbind()
     ks, vs, qs, lrs = (chunked(x).unbind(1) for x in (keys, values, queries, lr))
-    step = torch.utils.checkpoint.checkpoint if checkpoint_chunks and torch.is_grad_enabled() else _call
+    checkpointing = bool(checkpoint_chunks) and torch.is_grad_enabled()
+    group = int(checkpoint_chunks) if checkpointing else n_chunks
     W, S = state.weights, state.momentum
     outputs = []
-    for c in range(n_chunks):
-        complete = c < n_chunks - 1 or padding == 0
-        y, W, S = step(_chunk_step, memory_fn, W, S, ks[c], vs[c], qs[c], lrs[c], products[c], max_grad_norm,
-                       complete, **({"use_reentrant": False} if step is not _call else {}))
+    for first in range(0, n_chunks, group):
+        chunks = [(ks[c], vs[c], qs[c], lrs[c], products[c], c < n_chunks - 1 or padding == 0)
+                  for c in range(first, min(first + group, n_chunks))]
+        if checkpointing:
+            y, W, S = torch.utils.checkpoint.checkpoint(_chunk_group, memory_fn, W, S, chunks, max_grad_norm,
+                                                        use_reentrant=False)
+        else:
+            y, W, S = _chunk_group(memory_fn, W, S, chunks, max_grad_norm)
         outputs.append(y)
 
     retrieved = torch.cat(outputs, dim=1)[:, offset:total]
