@@ -165,8 +165,9 @@ class MACMixer(nn.Module):
         start = state.filled
         reader = NeuralMemoryState(state.segment_memory, state.memory.conv)
         h, reader = self.memory.retrieve(x, reader)  # every token of the segment reads M_{t-1}
-        q, k, v = self._heads(self.query(x)), torch.stack([self._heads(self.key(h)), self._heads(self.key(x))], 2), \
-            torch.stack([self._heads(self.value(h)), self._heads(self.value(x))], 2)
+        q = self._heads(self.query(x))
+        k = torch.stack([self._heads(self.key(h)), self._heads(self.key(x))], dim=2)  # (B, heads, 2, n, head_dim)
+        v = torch.stack([self._heads(self.value(h)), self._heads(self.value(x))], dim=2)
         if self.rotary is not None:
             q, k = self.rotary(q, start), self.rotary(k, start)
         keys, values = torch.cat([state.keys, k], dim=3), torch.cat([state.values, v], dim=3)
