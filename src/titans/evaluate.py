@@ -1,0 +1,301 @@
+"""Evaluation of a trained run: held-out perplexity and bits per byte, synthetic-task accuracy by length, the
+needle-in-a-haystack grid (context length x needle depth) and BABILong accuracy by length.
+
+Every long context streams through the model state in pieces of ``eval.chunk_len`` tokens, so memory use stays flat
+with the length (for the memory and sliding-window models; full attention keeps its growing key/value cache).
+Accuracies are teacher-forced exact matches: an answer counts when the arg-max prediction at every answer token is
+right. Each ``eval_*`` function writes ``<name>.json`` and ``<name>.png`` into an output directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from titans.batches import Batch, EVAL_SEED_OFFSET, make_task_from_config, open_text_stream, text_tokenizer_name
+from titans.checkpoint import CheckpointError, atomic_write, load_checkpoint, resolve_checkpoint
+from titans.config import ConfigError, RunConfig, from_dict
+from titans.data.corpus import default_data_dir, load_manifest
+from titans.data.synthetic import NeedleTask, SyntheticDataset
+from titans.data.tokenizer import Tokenizer, load_tokenizer
+from titans.model import TitansLM
+from titans.plots import plot_accuracy_vs_length, plot_needle_heatmap
+from titans.scoring import Scores, score_batch
+from titans.train import autocast_for
+
+__all__ = ["LoadedRun", "load_run", "run_tokenizer", "evaluate_text", "evaluate_synthetic", "needle_grid",
+           "eval_lm", "eval_synthetic", "eval_needle", "eval_babilong", "write_json"]
+
+
+@dataclass
+class LoadedRun:
+    """A model restored from a checkpoint, with its run config."""
+
+    model: TitansLM
+    config: RunConfig
+    step: int
+    checkpoint: Path
+    run_dir: Path
+    device: torch.device
+
+    @property
+    def autocast(self) -> Callable[[], contextlib.AbstractContextManager]:
+        return autocast_for(self.device, self.config.train.precision)[0]
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.name} ({self.config.model.variant}, step {self.step})"
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """The model of a checkpoint directory, or of a run directory's latest checkpoint, in eval mode."""
+    checkpoint = resolve_checkpoint(path)
+    loaded = load_checkpoint(checkpoint, restore_rng=False)
+    saved = loaded["extra"].get("config") if isinstance(loaded["extra"], dict) else None
+    if saved is None:
+        raise CheckpointError(f"{checkpoint}: not a training checkpoint of titans (no run config saved in it)")
+    try:
+        config = from_dict(RunConfig, saved)
+    except ConfigError as exc:
+        raise CheckpointError(f"{checkpoint}: invalid run config ({exc})") from None
+    model = TitansLM(config.model)
+    try:
+        model.load_state_dict(loaded["model_state"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{checkpoint}: weights do not fit the saved model config ({exc})") from None
+    device = torch.device(device)
+    return LoadedRun(model.to(device).eval(), config, loaded["step"], checkpoint, checkpoint.parent.parent, device)
+
+
+def run_tokenizer(run: LoadedRun) -> Tokenizer | None:
+    """The tokenizer of a text run (copied into its run directory, else the corpus's); None for synthetic runs."""
+    if run.config.data.task != "text":
+        return None
+    path = run.run_dir / "tokenizer.json"
+    if not path.is_file():
+        data_dir = Path(run.config.data.data_dir) if run.config.data.data_dir else default_data_dir()
+        path = data_dir / "tokens" / text_tokenizer_name(run.config) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer for {run.run_dir}: neither {run.run_dir / 'tokenizer.json'} nor "
+                                f"{path} exists")
+    return load_tokenizer(path)
+
+
+def write_json(path: Path, result: dict) -> Path:
+    atomic_write(path, (json.dumps(result, indent=1) + "\n").encode("utf-8"))
+    return path
+
+
+def _stack(examples: list[dict]) -> Batch:
+    return Batch(*(torch.stack([e[k] for e in examples]) for k in ("inputs", "targets", "loss_mask")))
+
+
+def _score_examples(run: LoadedRun, examples: list[dict], batch_size: int) -> Scores:
+    """Exact-match scores of examples, batched when they have the same length."""
+    scores = Scores()
+    for start in range(0, len(examples), batch_size):
+        group = examples[start:start + batch_size]
+        batches = [_stack(group)] if len({len(e["inputs"]) for e in group}) == 1 else [_stack([e]) for e in group]
+        for batch in batches:
+            scores += score_batch(run.model, batch.to(run.device), run.config.eval.chunk_len, run.autocast)
+    return scores
+
+
+# ------------------------------------------------------------------------------------------------ real text
+@torch.no_grad()
+def evaluate_text(run: LoadedRun, *, split: str = "validation", seq_len: int | None = None,
+                  max_tokens: int | None = None, batch_size: int | None = None) -> dict:
+    """Loss, perplexity, bits per token and bits per byte over consecutive windows of ``seq_len`` tokens (default:
+    the training length) of a held-out split, up to ``max_tokens`` predicted tokens (default: all). Windows stream
+    through the model state in pieces; the mean loss at each position of the window is kept too.
+
+    Bits per byte use the split's bytes per token (``titans.data.corpus`` manifest), exact for the whole split."""
+    config = run.config
+    if config.data.task != "text":
+        raise ValueError(f"perplexity needs a text run; {run.run_dir} was trained on the {config.data.task} task")
+    seq_len = seq_len or config.train.seq_len
+    batch_size = batch_size or config.eval.batch_size
+    stream = open_text_stream(config, split)
+    windows = (len(stream) - 1) // seq_len
+    if max_tokens is not None:
+        windows = min(windows, max(1, max_tokens // seq_len))
+    if windows < 1:
+        raise ValueError(f"the {split} split ({len(stream)} tokens) is shorter than one window of {seq_len}")
+    tokens = torch.from_numpy(np.asarray(stream.tokens[:windows * seq_len + 1], dtype=np.int64))
+    loss_by_position = torch.zeros(seq_len, dtype=torch.float64)
+    for first in range(0, windows, batch_size):
+        rows = range(first, min(first + batch_size, windows))
+        x = torch.stack([tokens[r * seq_len:(r + 1) * seq_len + 1] for r in rows]).to(run.device)
+        state = None
+        for start in range(0, seq_len, config.eval.chunk_len):
+            piece = slice(start, start + config.eval.chunk_len)
+            with run.autocast():
+                logits, state = run.model(x[:, :-1][:, piece], state)
+            loss = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:][:, piece], reduction="none")
+            loss_by_position[piece] += loss.sum(0).double().cpu()
+    predicted = windows * seq_len
+    loss = float(loss_by_position.sum()) / predicted
+    manifest = load_manifest(Path(config.data.data_dir) if config.data.data_dir else None)
+    split_tokens = manifest.tokenizers[text_tokenizer_name(config)]["tokens"][split]
+    bytes_per_token = manifest.splits[split]["bytes"] / split_tokens
+    bits = loss / math.log(2)
+    return {"split": split, "seq_len": seq_len, "tokens": predicted, "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)), "bits_per_token": bits, "bytes_per_token": bytes_per_token,
+            "bits_per_byte": bits / bytes_per_token, "loss_by_position": (loss_by_position / windows).tolist()}
+
+
+def _plot_loss_by_position(result: dict, path: Path, title: str) -> None:
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    losses = np.asarray(result["loss_by_position"])
+    width = max(1, len(losses) // 64)  # average over buckets so that the curve is readable
+    usable = len(losses) // width * width
+    ax.plot(np.arange(usable).reshape(-1, width).mean(1), losses[:usable].reshape(-1, width).mean(1))
+    ax.set_xlabel("position in the context window")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def eval_lm(run: LoadedRun, out_dir: str | Path, **kwargs) -> dict:
+    """:func:`evaluate_text`, written to ``lm_<split>.json`` and a loss-by-position plot ``lm_<split>.png``."""
+    result = {"run": run.name, "checkpoint": str(run.checkpoint), **evaluate_text(run, **kwargs)}
+    out = Path(out_dir) / f"lm_{result['split']}"
+    _plot_loss_by_position(result, out.with_suffix(".png"), f"{run.name}: {result['split']} loss by position "
+                                                            f"(bpb {result['bits_per_byte']:.3f})")
+    write_json(out.with_suffix(".json"), result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ synthetic
+def evaluate_synthetic(run: LoadedRun, lengths: Sequence[int], samples: int, *, seed: int | None = None) -> dict:
+    """Accuracy of the run's synthetic task at each sequence length (``copy``: the gap grows, the copied length
+    stays), on ``samples`` held-out examples per length."""
+    config = run.config
+    if config.data.task == "text":
+        raise ValueError(f"{run.run_dir} is a text run; evaluate it with the lm task")
+    seed = config.train.seed + EVAL_SEED_OFFSET if seed is None else seed
+    by_length = {}
+    for length in lengths:
+        overrides = {}
+        if config.data.task == "copy":
+            copied = make_task_from_config(config).length
+            if length < 2 * copied:
+                raise ValueError(f"copy sequences of {copied} tokens need lengths >= {2 * copied}, got {length}")
+            overrides["gap"] = length - 2 * copied
+        task = make_task_from_config(config, seq_len=length, **overrides)
+        dataset = SyntheticDataset(task, samples, seed=seed)
+        scores = _score_examples(run, [dataset[i] for i in range(samples)], config.eval.batch_size)
+        by_length[int(length)] = {"accuracy": scores.accuracy, "sequence_accuracy": scores.sequence_accuracy,
+                                  "loss": scores.loss, "scored": scores.count}
+    return {"task": config.data.task, "train_seq_len": config.train.seq_len, "samples": samples,
+            "by_length": by_length}
+
+
+def eval_synthetic(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], samples: int) -> dict:
+    """:func:`evaluate_synthetic`, written to ``<task>.json`` and an accuracy-versus-length plot ``<task>.png``."""
+    result = {"run": run.name, "checkpoint": str(run.checkpoint), **evaluate_synthetic(run, lengths, samples)}
+    out = Path(out_dir) / result["task"]
+    plot_accuracy_vs_length({run.name: {n: r["accuracy"] for n, r in result["by_length"].items()}},
+                            out.with_suffix(".png"), f"{result['task']}: accuracy by sequence length "
+                                                     f"(trained at {result['train_seq_len']})")
+    write_json(out.with_suffix(".json"), result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ needles
+def needle_grid(run: LoadedRun, make_example: Callable[[int, float, int], dict], lengths: Sequence[int],
+                depths: Sequence[float], samples: int) -> list[list[float]]:
+    """Exact-match accuracy of ``make_example(length, depth, index)`` examples for every (length, depth) cell:
+    rows are lengths, columns depths (fractions of the context)."""
+    grid = []
+    for length in lengths:
+        row = []
+        for depth in depths:
+            examples = [make_example(length, depth, i) for i in range(samples)]
+            row.append(_score_examples(run, examples, run.config.eval.batch_size).sequence_accuracy)
+        grid.append(row)
+    return grid
+
+
+def _synthetic_needle(run: LoadedRun, seed: int) -> Callable[[int, float, int], dict]:
+    """Examples of the synthetic needle task: the run's own task settings when it trained on needles."""
+    config = run.config
+
+    def make(length: int, depth: float, index: int) -> dict:
+        if config.data.task == "needle":
+            task = make_task_from_config(config, seq_len=length, depth=depth)
+        else:
+            task = NeedleTask(vocab_size=config.model.vocab_size, seq_len=length, depth=depth)
+        return SyntheticDataset(task, index + 1, seed=seed)[index]
+
+    return make
+
+
+def _ruler_needle(run: LoadedRun, task: str, seed: int) -> Callable[[int, float, int], dict]:
+    from titans.data.niah import NIAHGenerator
+
+    generator = NIAHGenerator(task, run_tokenizer(run))
+    return lambda length, depth, index: generator.sample(length, depth=100 * depth, seed=seed, index=index).as_example()
+
+
+def eval_needle(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], depths: Sequence[float], samples: int,
+                task: str | None = None, seed: int = 42) -> dict:
+    """The needle grid, written to ``needle_<task>.json`` and a heatmap ``needle_<task>.png``.
+
+    ``task``: ``synthetic`` (the synthetic needle task: a marked token among random ones, asked for at the end) or a
+    RULER single-needle task (``niah_single_1``/``2``/``3``) for text runs; default: synthetic for synthetic runs,
+    ``niah_single_1`` for text runs."""
+    task = task or ("niah_single_1" if run.config.data.task == "text" else "synthetic")
+    if task == "synthetic":
+        make = _synthetic_needle(run, seed)
+    elif run.config.data.task != "text":
+        raise ValueError(f"the {task} needle is text; {run.run_dir} was trained on the {run.config.data.task} task "
+                         f"(use --task synthetic)")
+    else:
+        make = _ruler_needle(run, task, seed)
+    grid = needle_grid(run, make, lengths, depths, samples)
+    result = {"run": run.name, "checkpoint": str(run.checkpoint), "task": task, "lengths": list(lengths),
+              "depths": list(depths), "samples": samples, "accuracy": grid,
+              "mean_accuracy": float(np.mean(grid))}
+    out = Path(out_dir) / f"needle_{task}"
+    plot_needle_heatmap(grid, lengths, depths, out.with_suffix(".png"), f"{run.name}: {task}")
+    write_json(out.with_suffix(".json"), result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ BABILong
+def eval_babilong(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], samples: int, task: str = "qa1",
+                  split: str = "test", seed: int = 0) -> dict:
+    """BABILong accuracy (teacher-forced exact match of the answer) at each context length in tokens, with
+    background from the corpus's ``split`` books; written to ``babilong_<task>.json`` and ``.png``."""
+    from titans.data.babilong import BabilongGenerator
+
+    tokenizer = run_tokenizer(run)
+    if tokenizer is None:
+        raise ValueError(f"BABILong is text; {run.run_dir} was trained on the {run.config.data.task} task")
+    data_dir = Path(run.config.data.data_dir) if run.config.data.data_dir else None
+    generator = BabilongGenerator.from_corpus(task, tokenizer, split, data_dir)
+    by_length = {}
+    for length in lengths:
+        examples = [generator.sample(length, seed=seed, index=i).as_example() for i in range(samples)]
+        by_length[int(length)] = _score_examples(run, examples, run.config.eval.batch_size).sequence_accuracy
+    result = {"run": run.name, "checkpoint": str(run.checkpoint), "task": task, "split": split, "samples": samples,
+              "by_length": by_length}
+    out = Path(out_dir) / f"babilong_{task}"
+    plot_accuracy_vs_length({run.name: by_length}, out.with_suffix(".png"), f"BABILong {task}: accuracy by length")
+    write_json(out.with_suffix(".json"), result)
+    return result

@@ -1,0 +1,255 @@
+"""The trainer: exact resume (in process and after a kill), DDP equivalence, gradient accumulation, truncated BPTT,
+activation checkpointing, non-finite stops, the run directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import titans.train as train_module
+from titans.batches import SyntheticBatches, make_batches
+from titans.checkpoint import latest_checkpoint
+from titans.config import ConfigError, RunConfig, from_dict, save_yaml
+from titans.data.synthetic import PatternTask
+from titans.metrics import read_metrics
+from titans.train import TrainingError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(variant: str = "mac", **sections) -> RunConfig:
+    """A model of a few thousand parameters on the pattern task: a step takes milliseconds."""
+    data = {
+        "name": "tiny",
+        "model": dict(variant=variant, vocab_size=16, dim=16, layers=2, heads=2, window=8, segment_len=8,
+                      chunk_size=4, num_persistent=2),
+        "data": {"task": "pattern", "kwargs": {"max_period": 4}},
+        "optim": {"lr": 1e-2, "warmup_steps": 2},
+        "train": {"steps": 6, "batch_size": 4, "seq_len": 16, "eval_every": 3, "eval_batches": 1,
+                  "checkpoint_every": 2, "log_every": 1},
+        "eval": {"batch_size": 4, "samples": 4, "lengths": [16, 32], "depths": [0.0, 1.0], "chunk_len": 8},
+    }
+    for section, values in sections.items():
+        data[section] = {**data[section], **values}
+    return from_dict(RunConfig, data)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(latest_checkpoint(run_dir) / "model.safetensors")
+
+
+def losses(run_dir: Path) -> list[dict]:
+    """Metric records without the timing ones (wall-clock dependent)."""
+    return [{k: v for k, v in r.items() if "per_s" not in k} for r in read_metrics(run_dir)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ batches
+def test_synthetic_batches_shard_the_global_batch_and_resume():
+    task = PatternTask(vocab_size=16, seq_len=8, max_period=4)
+    whole = SyntheticBatches(task, 4, seed=3)
+    halves = [SyntheticBatches(task, 4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        batch = next(whole)
+        parts = [next(h) for h in halves]
+        assert torch.equal(batch.inputs, torch.cat([p.inputs for p in parts]))
+        assert torch.equal(batch.loss_mask, torch.cat([p.loss_mask for p in parts]))
+    resumed = SyntheticBatches(task, 4, seed=3)
+    resumed.load_state_dict(whole.state_dict())
+    assert torch.equal(next(resumed).inputs, next(whole).inputs)
+    with pytest.raises(ValueError, match="seed"):
+        SyntheticBatches(task, 4, seed=4).load_state_dict(whole.state_dict())
+
+
+def test_batch_config_errors():
+    with pytest.raises(ConfigError, match="divisible by the number of processes"):
+        make_batches(tiny(train={"batch_size": 3}), world_size=2)
+    with pytest.raises(ConfigError, match="'model.vocab_size' is 16"):
+        make_batches(tiny(data={"kwargs": {"vocab_size": 32}}))
+    with pytest.raises(ConfigError, match="2 \\* length \\+ gap = 20 tokens but 'train.seq_len' is 16"):
+        make_batches(tiny(data={"task": "copy", "kwargs": {"length": 10}}))
+    with pytest.raises(ConfigError, match="train.seq_len"):
+        make_batches(tiny(data={"kwargs": {"seq_len": 16}}))
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def test_resume_is_bitwise_exact(tmp_path):
+    config = tiny(optim={"grad_accum": 2}, train={"tbptt_segments": 2, "tbptt_horizon": 1, "log_every": 2})
+    whole = train(config, tmp_path / "whole", progress=False)
+    assert whole["step"] == 6 and whole["resumed_from"] is None
+    first = train(config, tmp_path / "split", stop_at=3, progress=False)
+    assert first["step"] == 3 and latest_checkpoint(tmp_path / "split").name == "ckpt-000003"
+    second = train(config, tmp_path / "split", resume=True, progress=False)
+    assert second["resumed_from"] == 3 and second["step"] == 6
+
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state_a = load_file(latest_checkpoint(tmp_path / "whole") / "state.safetensors")
+    state_b = load_file(latest_checkpoint(tmp_path / "split") / "state.safetensors")
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)  # AdamW moments too
+    assert losses(tmp_path / "whole") == losses(tmp_path / "split")
+    assert [r["step"] for r in losses(tmp_path / "whole") if "train/loss" in r] == [2, 4, 6]
+    assert whole["eval"] == second["eval"]
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    config = tiny(train={"steps": 40, "checkpoint_every": 2, "eval_every": 0, "log_every": 1})
+    path = tmp_path / "config.yaml"
+    save_yaml(config, path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "titans", "train", str(path), "--run-dir", str(run_dir), "--no-progress"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (run_dir / "checkpoints" / "latest").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
+    killed_at = int(latest_checkpoint(run_dir).name.split("-")[1])
+    assert 2 <= killed_at < 40
+
+    resumed = subprocess.run(command[:4] + ["--resume", str(run_dir), "--no-progress"], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from step {killed_at}" in resumed.stdout
+
+    train(config, tmp_path / "whole", progress=False)
+    a, b = weights(tmp_path / "whole"), weights(run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "whole") == losses(run_dir)
+
+
+def test_resume_needs_the_same_config(tmp_path):
+    train(tiny(train={"steps": 2}), tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match=r"optim.lr \(0.01 in the run, 0.02 now\)"):
+        train(tiny(train={"steps": 2}, optim={"lr": 2e-2}), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(tiny(train={"steps": 2}), tmp_path / "run", progress=False)
+    with pytest.raises(FileNotFoundError, match="no run to resume"):
+        train(tiny(), tmp_path / "nothing", resume=True, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ the step
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """Two micro-batches of 4 read the examples of one batch of 8 and weigh every scored token equally (the
+    pattern task scores a different number of tokens per sequence)."""
+    accumulated = train(tiny(optim={"grad_accum": 2}, train={"steps": 3}), tmp_path / "a", progress=False)
+    single = train(tiny(train={"steps": 3, "batch_size": 8}), tmp_path / "b", progress=False)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert accumulated["train_loss"] == pytest.approx(single["train_loss"], rel=1e-6)
+    norms = [[r["train/grad_norm"] for r in read_metrics(tmp_path / d) if "train/grad_norm" in r] for d in "ab"]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["mac", "lmm"])
+def test_truncated_bptt(tmp_path, variant):
+    """Segments that carry the state without a horizon give the full gradient; a horizon of 1 cuts it."""
+    train(tiny(variant, train={"steps": 2}), tmp_path / "full", progress=False)
+    train(tiny(variant, train={"steps": 2, "tbptt_segments": 2}), tmp_path / "segments", progress=False)
+    train(tiny(variant, train={"steps": 2, "tbptt_segments": 2, "tbptt_horizon": 1}), tmp_path / "cut",
+          progress=False)
+    full, segments, cut = (weights(tmp_path / name) for name in ("full", "segments", "cut"))
+    assert all(torch.allclose(full[k], segments[k], atol=1e-5) for k in full)
+    assert max((full[k] - cut[k]).abs().max() for k in full) > 1e-4
+
+
+def test_activation_checkpointing_gives_the_same_weights(tmp_path):
+    train(tiny(train={"steps": 2, "tbptt_segments": 2}), tmp_path / "plain", progress=False)
+    train(tiny(train={"steps": 2, "tbptt_segments": 2, "activation_checkpointing": True}), tmp_path / "recomputed",
+          progress=False)
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "recomputed")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * torch.inf
+
+
+@pytest.mark.parametrize("failure, message", [("loss", "non-finite loss \\(nan\\) at step 3"),
+                                              ("gradient", "non-finite gradient norm \\((inf|nan)\\) at step 3")])
+def test_non_finite_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, failure, message):
+    calls = {"n": 0}
+    real = train_module.masked_loss_sum
+
+    def failing(logits, targets, mask):
+        calls["n"] += 1
+        loss = real(logits, targets, mask)
+        if calls["n"] <= 2:  # one call per step: steps 1 and 2 are fine
+            return loss
+        return loss * torch.nan if failure == "loss" else _InfiniteGradient.apply(loss)
+
+    monkeypatch.setattr(train_module, "masked_loss_sum", failing)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingError, match=message + ".*ckpt-000002"):
+        train(tiny(), run_dir, progress=False)
+    assert latest_checkpoint(run_dir).name == "ckpt-000002"
+    assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------------ run dir
+def test_run_directory(tmp_path):
+    summary = train(tiny(train={"keep_last": 2}), tmp_path / "run", progress=False)
+    run_dir = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "metrics.csv", "loss.png", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt-*")) == ["ckpt-000004", "ckpt-000006"]
+    records = read_metrics(run_dir)
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens", "train/tokens_per_s"} <= set(records[0])
+    assert [r["step"] for r in records if "eval/loss" in r] == [3, 6]
+    assert summary["tokens"] == 6 * 4 * 16 and summary["checkpoint"].endswith("ckpt-000006")
+    assert 0 <= summary["eval"]["eval/accuracy"] <= 1
+    lrs = [r["train/lr"] for r in records if "train/lr" in r]
+    assert lrs[:2] == pytest.approx([5e-3, 1e-2])  # linear warmup over 2 steps, then cosine decay
+    assert lrs[2] > lrs[3] > lrs[4] > lrs[5]
+
+
+def test_training_learns_the_pattern(tmp_path):
+    """A memory-only model (LMM, no attention) learns to continue repeated patterns: held-out loss falls."""
+    summary = train(tiny("lmm", train={"steps": 40, "eval_every": 0, "checkpoint_every": 0, "batch_size": 16},
+                         optim={"lr": 3e-2}), tmp_path / "run", progress=False)
+    first = read_metrics(tmp_path / "run")[0]["train/loss"]
+    assert summary["eval"]["eval/loss"] < 0.85 * first
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+def test_two_processes_match_one(tmp_path):
+    config = tiny(optim={"grad_accum": 2}, train={"steps": 3, "tbptt_segments": 2, "eval_every": 0})
+    path = tmp_path / "config.yaml"
+    save_yaml(config, path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "titans", "train", str(path), "--run-dir", str(tmp_path / "ddp"), "--no-progress"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("trained") == 1  # rank 0 alone reports
+    train(config, tmp_path / "single", progress=False)
+
+    a, b = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert [r["step"] for r in single] == [r["step"] for r in ddp]
+    for x, y in zip(single, ddp):
+        assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], rel=1e-5) for k in x)
