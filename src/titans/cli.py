@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("eval", "evaluate a checkpoint: perplexity, synthetic accuracy, needle grid or BABILong",
                 "Evaluate a run directory's latest checkpoint (or a checkpoint directory); writes a JSON result "
                 "and a PNG plot to OUT (default: RUN_DIR/eval).")
-    p.add_argument("path", metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("path", metavar="RUN_DIR|CHECKPOINT", help="run directory (its latest checkpoint) or checkpoint "
+                                                               "directory")
     p.add_argument("--task", choices=("auto", "lm", "synthetic", "needle", "babilong"), default="auto",
                    help="lm: perplexity and bits per byte on held-out text; synthetic: accuracy of the run's "
                         "synthetic task by length; needle: accuracy by context length x depth; babilong: BABILong "
@@ -390,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"titans: {exc}", file=sys.stderr)
         return 1
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"titans: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,246 @@
+"""Evaluation: streamed scores against whole-sequence ones and hand counts, the needle grid with an oracle and a blind
+model, held-out text (loss and bits per byte against an independent computation), memory inspection."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titans import evaluate
+from titans.batches import Batch
+from titans.checkpoint import CheckpointError, save_checkpoint
+from titans.cli import main
+from titans.config import RunConfig, from_dict, to_dict
+from titans.data import corpus
+from titans.data.corpus import Source, parse_gutenberg_files, prepare
+from titans.data.synthetic import NeedleTask
+from titans.evaluate import LoadedRun
+from titans.inspection import inspect_memory
+from titans.model import TitansConfig, TitansLM
+from titans.scoring import Scores, score_batch
+from titans.train import train
+
+
+def config(task: str = "pattern", **model) -> RunConfig:
+    return from_dict(RunConfig, {
+        "model": {"variant": "mac", "vocab_size": 16, "dim": 16, "layers": 2, "heads": 2, "window": 8,
+                  "segment_len": 8, "chunk_size": 4, "num_persistent": 2, **model},
+        "data": {"task": task, "kwargs": {"max_period": 4} if task == "pattern" else {}},
+        "train": {"steps": 2, "batch_size": 4, "seq_len": 16},
+        "eval": {"batch_size": 4, "samples": 4, "lengths": [16, 32], "depths": [0.0, 1.0], "chunk_len": 8}})
+
+
+def loaded(model: nn.Module, run_config: RunConfig, tmp_path: Path) -> LoadedRun:
+    return LoadedRun(model, run_config, 0, tmp_path, tmp_path, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------------ scores
+class FixedLogits(nn.Module):
+    """Predicts token `prediction[t]` at every position t of a 4-token stream (a streaming model with a clock)."""
+
+    def __init__(self, prediction: list[int], vocab: int = 4):
+        super().__init__()
+        self.prediction, self.vocab = prediction, vocab
+
+    def forward(self, tokens, state=None):
+        start = state or 0
+        logits = torch.full((*tokens.shape, self.vocab), -5.0)
+        for t in range(tokens.shape[1]):
+            logits[:, t, self.prediction[start + t]] = 5.0
+        return logits, start + tokens.shape[1]
+
+
+def test_scores_by_hand():
+    targets = torch.tensor([[0, 1, 2, 3], [1, 1, 1, 1]])
+    mask = torch.tensor([[True, True, False, True], [False, True, True, False]])
+    batch = Batch(torch.zeros_like(targets), targets, mask)
+    scores = score_batch(FixedLogits([0, 1, 1, 1]), batch, piece_len=3)
+    # row 0: positions 0, 1 right, 3 wrong; row 1: positions 1, 2 right
+    assert (scores.correct, scores.count, scores.sequences_correct, scores.sequences) == (4, 5, 1, 2)
+    right = -math.log(math.exp(5) / (math.exp(5) + 3 * math.exp(-5)))
+    wrong = -math.log(math.exp(-5) / (math.exp(5) + 3 * math.exp(-5)))
+    assert scores.loss == pytest.approx((4 * right + wrong) / 5)
+    assert scores.accuracy == 0.8 and scores.sequence_accuracy == 0.5
+    merged = Scores.from_tensor((scores + scores).to_tensor())
+    assert merged.count == 10 and merged.loss == pytest.approx(scores.loss)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "transformer"])
+def test_streamed_scores_equal_one_pass(variant):
+    torch.manual_seed(0)
+    model = TitansLM(config(variant=variant).model).eval()
+    inputs = torch.randint(0, 16, (3, 24))
+    targets = torch.randint(0, 16, (3, 24))
+    mask = torch.rand(3, 24) < 0.5
+    batch = Batch(inputs, targets, mask)
+    streamed, whole = score_batch(model, batch, 5), score_batch(model, batch, 24)
+    assert streamed.loss == pytest.approx(whole.loss, rel=1e-5)
+    assert (streamed.correct, streamed.sequences_correct) == (whole.correct, whole.sequences_correct)
+    logits, _ = model(inputs)
+    reference = F.cross_entropy(logits[mask], targets[mask])
+    assert whole.loss == pytest.approx(reference.item(), rel=1e-5)
+    assert whole.correct == int(((logits.argmax(-1) == targets) & mask).sum())
+
+
+# ------------------------------------------------------------------------------------------------ needles
+class NeedleOracle(nn.Module):
+    """Remembers the token after the needle (across calls, in its state) and predicts it everywhere."""
+
+    def __init__(self, task: NeedleTask, blind: bool = False):
+        super().__init__()
+        self.task, self.blind = task, blind
+
+    def forward(self, tokens, state=None):
+        found, previous = state if state is not None else (torch.zeros(tokens.shape[0], dtype=torch.long),
+                                                           torch.full((tokens.shape[0],), -1))
+        logits = torch.zeros(*tokens.shape, self.task.vocab_size)
+        for t in range(tokens.shape[1]):
+            found = torch.where(previous == self.task.needle, tokens[:, t], found)
+            previous = tokens[:, t]
+            logits[torch.arange(tokens.shape[0]), t, self.task.query if self.blind else found] = 1.0
+        return logits, (found, previous)
+
+
+@pytest.mark.parametrize("blind, expected", [(False, 1.0), (True, 0.0)])
+def test_needle_grid_streams_the_context(tmp_path, blind, expected):
+    run_config = config("needle", vocab_size=32)
+    run = loaded(NeedleOracle(NeedleTask(vocab_size=32, seq_len=8), blind), run_config, tmp_path)
+    result = evaluate.eval_needle(run, tmp_path, lengths=[16, 40], depths=[0.0, 0.5, 1.0], samples=3)
+    assert result["accuracy"] == [[expected] * 3] * 2 and result["task"] == "synthetic"
+    saved = json.loads((tmp_path / "needle_synthetic.json").read_text())
+    assert saved["accuracy"] == result["accuracy"] and (tmp_path / "needle_synthetic.png").is_file()
+
+
+def test_synthetic_accuracy_by_length_writes_json_and_plot(tmp_path):
+    torch.manual_seed(0)
+    run_config = config("copy", vocab_size=16)
+    run_config = from_dict(RunConfig, {**to_dict(run_config), "data": {"task": "copy", "kwargs": {"length": 8}}})
+    run = loaded(TitansLM(run_config.model).eval(), run_config, tmp_path)
+    result = evaluate.eval_synthetic(run, tmp_path, [16, 40], samples=4)
+    assert sorted(result["by_length"]) == [16, 40]
+    assert all(r["scored"] == 4 * 8 for r in result["by_length"].values())  # the copy is scored, not the gap
+    assert (tmp_path / "copy.json").is_file() and (tmp_path / "copy.png").is_file()
+    with pytest.raises(ValueError, match="lengths >= 16"):
+        evaluate.evaluate_synthetic(run, [12], samples=1)
+
+
+def test_load_run_needs_a_training_checkpoint(tmp_path):
+    model = TitansLM(config().model)
+    path = save_checkpoint(tmp_path / "run", 1, model, extra={})
+    with pytest.raises(CheckpointError, match="no run config"):
+        evaluate.load_run(path)
+    path = save_checkpoint(tmp_path / "other", 1, model, extra={"config": to_dict(config(dim=32))})
+    with pytest.raises(CheckpointError, match="do not fit the saved model config"):
+        evaluate.load_run(path)
+
+
+# ------------------------------------------------------------------------------------------------ text
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory):
+    """A byte-level corpus built by titans.data.corpus.prepare from a fixture archive."""
+    root = tmp_path_factory.mktemp("corpus")
+    books = {"train_a": "the memory of the titan is long and the memory is deep. " * 30,
+             "train_b": "a neural memory learns at test time; the memory of the past. " * 30,
+             "held_val": "the validation book tells of other things entirely, é and ü. " * 12,
+             "held_test": "the test book is different again. " * 12}
+    archive = root / "books-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        for name, text in books.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"books-1.0/texts/{name}_gut.txt")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    source = Source("books", "books==1.0", "*/texts/*_gut.txt", parse_gutenberg_files, validation=("held_val",),
+                    test=("held_test",))
+    patch = pytest.MonkeyPatch()
+    patch.setattr(corpus, "fetch", lambda spec, **kwargs: archive)
+    prepare(root / "data", tokenizer="bytes", sources=[source])
+    patch.undo()
+    return root / "data"
+
+
+def text_config(data_dir: Path) -> RunConfig:
+    return from_dict(RunConfig, {**to_dict(config(vocab_size=256)),
+                                 "data": {"task": "text", "tokenizer": "byte", "data_dir": str(data_dir)}})
+
+
+def test_held_out_text_loss_and_bits_per_byte(tmp_path, text_corpus):
+    torch.manual_seed(0)
+    run_config = text_config(text_corpus)
+    run = loaded(TitansLM(run_config.model).eval(), run_config, tmp_path)
+    result = evaluate.eval_lm(run, tmp_path, seq_len=16, max_tokens=160, batch_size=3)
+    assert result["tokens"] == 160 and len(result["loss_by_position"]) == 16
+
+    text = "the validation book tells of other things entirely, é and ü. " * 12
+    ids = torch.tensor(list(text.encode()))[:161]
+    windows = torch.stack([ids[i * 16:(i + 1) * 16 + 1] for i in range(10)])
+    logits, _ = run.model(windows[:, :-1])  # one pass, no streaming
+    reference = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:])
+    assert result["loss"] == pytest.approx(reference.item(), rel=1e-5)
+    assert result["bytes_per_token"] == 1.0  # byte tokens
+    assert result["bits_per_byte"] == pytest.approx(reference.item() / math.log(2), rel=1e-5)
+    assert (tmp_path / "lm_validation.json").is_file() and (tmp_path / "lm_validation.png").is_file()
+
+
+def test_text_run_trains_evaluates_and_generates(tmp_path, text_corpus, capsys):
+    run_dir = tmp_path / "run"
+    train(text_config(text_corpus), run_dir, progress=False)
+    capsys.readouterr()
+    assert (run_dir / "tokenizer.json").is_file()  # generation does not depend on the corpus directory
+    run = evaluate.load_run(run_dir)
+    tokenizer = evaluate.run_tokenizer(run)
+    assert tokenizer.decode(tokenizer.encode("memory é")) == "memory é"
+
+    assert main(["generate", str(run_dir), "--prompt", "the memory", "--max-new-tokens", "6"]) == 0
+    assert len(capsys.readouterr().out.encode()) >= 6  # six bytes decoded (invalid UTF-8 shown as U+FFFD)
+    assert main(["eval", str(run_dir), "--max-tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads((run_dir / "eval" / "lm_validation.json").read_text())
+    assert result["tokens"] == 64 and f"bits/byte {result['bits_per_byte']:.4f}" in out
+    assert main(["inspect", str(run_dir), "--text", "the memory of the titan"]) == 0
+    assert json.loads((run_dir / "inspect" / "memory.json").read_text())["tokens"] == 23
+    with pytest.raises(ValueError, match="needs a text run"):
+        evaluate.evaluate_text(loaded(run.model, config(vocab_size=256), tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ memory
+@pytest.mark.parametrize("variant", ["mac", "lmm"])
+def test_memory_learns_each_segment_it_reads(variant):
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig(variant=variant, vocab_size=16, dim=16, layers=2, heads=2, segment_len=8,
+                                  chunk_size=4, num_persistent=2)).eval()
+    records = inspect_memory(model, torch.randint(0, 16, (30,)), segment_len=8)
+    assert [(r.segment, r.layer) for r in records] == [(s, layer) for s in range(4) for layer in range(2)]
+    assert [r.tokens for r in records if r.layer == 0] == ([8, 8, 8, 6] if variant == "mac" else [10, 8, 8, 6])
+    assert all(r.inner_loss_after < r.inner_loss_before and r.weight_change > 0 for r in records)
+
+
+def test_memory_weight_change_matches_the_state():
+    """Segment 0's weight change equals the distance between M_0 and the weights in the state after it."""
+    from titans.ops import current_weights
+
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig(variant="deltanet", vocab_size=16, dim=16, layers=1, heads=2, chunk_size=4)).eval()
+    tokens = torch.randint(0, 16, (1, 12))
+    record = inspect_memory(model, tokens, segment_len=12)[0]
+    memory = model.blocks[0].mixer.memory
+    with torch.no_grad():
+        _, state = model(tokens)
+        after = current_weights(memory.memory, state.layers[0].memory, memory.max_grad_norm)
+        before = memory.initial_state(1).memory.weights
+    change = math.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
+    assert record.weight_change == pytest.approx(change / math.sqrt(sum((w ** 2).sum() for w in before.values())))
+
+
+def test_inspect_needs_a_memory():
+    with pytest.raises(ValueError, match="no neural memory"):
+        inspect_memory(TitansLM(TitansConfig(variant="swa", vocab_size=16, dim=16, layers=1, heads=2)),
+                       torch.zeros(8, dtype=torch.long), 4)
