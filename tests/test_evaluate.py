@@ -236,8 +236,9 @@ def test_memory_weight_change_matches_the_state():
         _, state = model(tokens)
         after = current_weights(memory.memory, state.layers[0].memory, memory.max_grad_norm)
         before = memory.initial_state(1).memory.weights
-    change = math.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
-    assert record.weight_change == pytest.approx(change / math.sqrt(sum((w ** 2).sum() for w in before.values())))
+        change = math.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
+        size = math.sqrt(sum((w ** 2).sum() for w in before.values()))
+    assert record.weight_change == pytest.approx(change / size)
 
 
 def test_inspect_needs_a_memory():

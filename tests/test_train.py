@@ -139,7 +139,7 @@ def test_resume_needs_the_same_config(tmp_path):
     train(tiny(train={"steps": 2}), tmp_path / "run", progress=False)
     with pytest.raises(ConfigError, match=r"optim.lr \(0.01 in the run, 0.02 now\)"):
         train(tiny(train={"steps": 2}, optim={"lr": 2e-2}), tmp_path / "run", resume=True, progress=False)
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(FileExistsError, match="already holds a run"):
         train(tiny(train={"steps": 2}), tmp_path / "run", progress=False)
     with pytest.raises(FileNotFoundError, match="no run to resume"):
         train(tiny(), tmp_path / "nothing", resume=True, progress=False)

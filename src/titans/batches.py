@@ -86,7 +86,7 @@ class TextBatches:
 
     def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, *, seed: int, rank: int = 0,
                  world_size: int = 1):
-        self.windows = RandomWindows(stream, seq_len, batch_size, seed=seed)
+        self.stream, self.windows = stream, RandomWindows(stream, seq_len, batch_size, seed=seed)
         self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> TextBatches:

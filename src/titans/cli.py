@@ -66,6 +66,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_ids(text: str, option: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"{option}: give token ids separated by spaces, e.g. {option} '1 2 3' (runs on synthetic "
+                         f"tasks have no tokenizer), got {text!r}") from None
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,14 +143,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     run = evaluate.load_run(args.path, _device(args.device))
     tokenizer = evaluate.run_tokenizer(run)
-    if tokenizer is not None:
-        ids = tokenizer.encode(args.prompt)
-    else:
-        try:
-            ids = [int(t) for t in args.prompt.replace(",", " ").split()]
-        except ValueError:
-            raise ValueError(f"{run.run_dir} was trained on the {run.config.data.task} task: give the prompt as token "
-                             f"ids separated by spaces, e.g. --prompt '1 2 3'") from None
+    ids = tokenizer.encode(args.prompt) if tokenizer is not None else _token_ids(args.prompt, "--prompt")
     if not ids:
         raise ValueError("the prompt is empty")
     generator = torch.Generator(device=run.device).manual_seed(args.seed)
@@ -166,7 +167,7 @@ def _inspect(args: argparse.Namespace) -> int:
             raise ValueError(f"{run.run_dir} has no tokenizer ({config.data.task} task): use --tokens")
         ids, source = tokenizer.encode(args.text), "the given text"
     elif args.tokens is not None:
-        ids, source = [int(t) for t in args.tokens.replace(",", " ").split()], "the given tokens"
+        ids, source = _token_ids(args.tokens, "--tokens"), "the given tokens"
     elif config.data.task == "text":
         from titans.batches import open_text_stream
 
@@ -176,16 +177,13 @@ def _inspect(args: argparse.Namespace) -> int:
         task = make_task_from_config(config, seq_len=None if config.data.task == "copy" else args.length)
         ids = task.generate(example_rng(config.train.seed + EVAL_SEED_OFFSET, 0))["inputs"].tolist()
         source = f"a held-out {config.data.task} example"
-    segment_len = args.segment_len or (config.model.segment_len if config.model.variant == "mac"
-                                       else config.train.seq_len // config.train.tbptt_segments)
+    segment_len = args.segment_len or config.model.segment_len
     tokens = torch.tensor(ids, dtype=torch.long, device=run.device)
     records = inspection.inspect_memory(run.model, tokens, segment_len)
     out = Path(args.out) if args.out else run.run_dir / "inspect"
     plot = out / "memory.png"
     inspection.plot_inspection(records, plot, f"{run.name}: test-time learning of the memory")
-    from titans.evaluate import write_json
-
-    write_json(out / "memory.json", {"run": run.name, "checkpoint": str(run.checkpoint), "source": source,
+    evaluate.write_json(out / "memory.json", {"run": run.name, "checkpoint": str(run.checkpoint), "source": source,
                                      "tokens": len(ids), "segment_len": segment_len,
                                      "records": inspection.records_as_dicts(records)})
     print(f"{run.name}: {len(ids)} tokens of {source}, segments of {segment_len}")
@@ -354,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens of the default sequence, a held-out example of the run's task (not copy, whose "
                         "length is fixed) or the start of the validation text (default: the training length)")
     p.add_argument("--segment-len", type=int, metavar="N",
-                   help="tokens per segment (default: MAC's segment_len, else the training segment)")
+                   help="tokens per segment (default: the model's segment_len)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/inspect)")
     _add_device(p)
     p.set_defaults(func=_inspect)

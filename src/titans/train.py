@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 from tqdm.auto import tqdm
 
 from titans.batches import Batch, make_batches
-from titans.checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
+from titans.checkpoint import CheckpointError, atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
 from titans.config import ConfigError, RunConfig, load_yaml, save_yaml, to_dict
 from titans.distributed import DistInfo, barrier, init_distributed
 from titans.metrics import MetricsLogger, read_metrics
@@ -161,8 +161,8 @@ class _Trainer:
         saved = self.run_dir / CONFIG_FILE
         if not resume:
             if saved.exists():
-                raise ConfigError(f"{self.run_dir} already holds a run; resume it (--resume {self.run_dir}) or "
-                                  f"choose another run directory")
+                raise FileExistsError(f"{self.run_dir} already holds a run; resume it (--resume {self.run_dir}) or "
+                                      f"choose another run directory")
         else:
             if not saved.exists():
                 raise FileNotFoundError(f"{saved}: no run to resume in {self.run_dir}")
@@ -175,7 +175,7 @@ class _Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(self.config, saved)
             if self.config.data.task == "text":
-                tokenizer = self.batches.windows.stream.tokenizer_path
+                tokenizer = self.batches.stream.tokenizer_path
                 if tokenizer is not None and tokenizer.is_file():
                     shutil.copyfile(tokenizer, self.run_dir / "tokenizer.json")
         return latest_checkpoint(self.run_dir) if resume else None
@@ -183,6 +183,9 @@ class _Trainer:
     def _restore(self, path: Path) -> None:
         loaded = load_checkpoint(path, self.model, self.optimizer, self.scheduler, restore_rng=True)
         extra = loaded["extra"]
+        missing = [k for k in ("data", "window", "tokens") if not isinstance(extra, dict) or k not in extra]
+        if missing:
+            raise CheckpointError(f"{loaded['path']}: not a checkpoint of this trainer (no {', '.join(missing)})")
         self.step = loaded["step"]
         self.batches.load_state_dict(extra["data"])
         self.window, self.tokens = dict(extra["window"]), int(extra["tokens"])
