@@ -245,3 +245,62 @@ def test_inspect_needs_a_memory():
     with pytest.raises(ValueError, match="no neural memory"):
         inspect_memory(TitansLM(TitansConfig(variant="swa", vocab_size=16, dim=16, layers=1, heads=2)),
                        torch.zeros(8, dtype=torch.long), 4)
+
+
+class PrefixOracle(nn.Module):
+    """Recognises which of `samples` it is reading and predicts its next token (a batch of one)."""
+
+    def __init__(self, samples: list, miss_last: bool = False):
+        super().__init__()
+        self.samples, self.miss_last = samples, miss_last  # miss_last: wrong on the answer's last token only
+
+    def forward(self, tokens, state=None):
+        seen = tokens[0] if state is None else torch.cat([state, tokens[0]])
+        logits = torch.zeros(*tokens.shape, 256)
+        for t in range(tokens.shape[1]):
+            n = len(seen) - tokens.shape[1] + t + 1
+            ids = next(s.token_ids for s in self.samples if torch.equal(s.token_ids[:n], seen[:n]))
+            right = int(ids[n]) if n < len(ids) else 0
+            logits[0, t, (right + 1) % 256 if self.miss_last and n == len(ids) - 1 else right] = 1.0
+        return logits, seen
+
+
+def test_ruler_needle_grid(tmp_path, text_corpus, monkeypatch):
+    from titans.data import niah
+    from titans.data.tokenizer import ByteTokenizer
+
+    fixtures = Path(__file__).parent / "fixtures" / "niah"
+    essays = [p.read_text() for p in sorted((fixtures / "essays").glob("*.txt"))]
+    words = [(fixtures / f).read_text().split() for f in ("adjectives.txt", "nouns.txt")]
+    monkeypatch.setattr(niah, "load_essays", lambda cache_dir=None: essays)
+    monkeypatch.setattr(niah, "load_key_words", lambda cache_dir=None: tuple(words))
+    generator = niah.NIAHGenerator("niah_single_2", ByteTokenizer(), essays=essays, adjectives=words[0],
+                                   nouns=words[1])
+    lengths, depths = [700, 900], [0.0, 1.0]
+    samples = [generator.sample(n, depth=100 * d, seed=42, index=i) for n in lengths for d in depths for i in range(2)]
+    assert len({s.needle_position for s in samples}) > 2  # the depth moves the needle
+    for miss_last, accuracy in ((False, 1.0), (True, 0.0)):
+        run = loaded(PrefixOracle(samples, miss_last), text_config(text_corpus), tmp_path)
+        result = evaluate.eval_needle(run, tmp_path, lengths, depths, samples=2, task="niah_single_2")
+        assert result["accuracy"] == [[accuracy] * 2] * 2
+    assert (tmp_path / "needle_niah_single_2.png").is_file()
+
+
+def test_babilong_accuracy_by_length(tmp_path, text_corpus):
+    """BABILong samples over the corpus's test books; every token of the answer is scored."""
+    run_config = text_config(text_corpus)
+    torch.manual_seed(0)
+    run = loaded(TitansLM(run_config.model).eval(), run_config, tmp_path)
+    result = evaluate.eval_babilong(run, tmp_path, lengths=[0, 64], samples=2, task="qa1")
+    assert sorted(result["by_length"]) == [0, 64] and all(0 <= a <= 1 for a in result["by_length"].values())
+    assert (tmp_path / "babilong_qa1.json").is_file() and (tmp_path / "babilong_qa1.png").is_file()
+
+    from titans.data.babilong import BabilongGenerator
+    from titans.data.tokenizer import ByteTokenizer
+
+    generator = BabilongGenerator.from_corpus("qa1", ByteTokenizer(), "test", text_corpus)
+    samples = [generator.sample(64, seed=0, index=i) for i in range(2)]
+
+    for oracle, accuracy in ((PrefixOracle(samples), 1.0), (PrefixOracle(samples, miss_last=True), 0.0)):
+        run = loaded(oracle, run_config, tmp_path)
+        assert evaluate.eval_babilong(run, tmp_path, lengths=[64], samples=2)["by_length"] == {64: accuracy}
