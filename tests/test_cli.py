@@ -84,7 +84,7 @@ def test_round_trip(tmp_path, capsys, config_file):
 
     code, out, _ = run(capsys, "params", config_file, "--set", "model.variant=lmm")
     total = count_parameters(from_dict(RunConfig, {**TINY, "model": {**TINY["model"], "variant": "lmm"}}).model)
-    assert code == 0 and f"total" in out and f"{total:,}" in out
+    assert code == 0 and "total" in out and f"{total:,}" in out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -251,5 +251,5 @@ def test_two_processes_match_one(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert [r["step"] for r in single] == [r["step"] for r in ddp]
-    for x, y in zip(single, ddp):
+    for x, y in zip(single, ddp, strict=True):
         assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], rel=1e-5) for k in x)

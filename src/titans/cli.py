@@ -122,7 +122,8 @@ def _needle_report(run, out: Path, task: str | None, lengths: list[int], depths:
 
     r = evaluate.eval_needle(run, out, lengths, depths, samples, task=task)
     header = "length \\ depth " + " ".join(f"{d:>6g}" for d in r["depths"])
-    rows = [f"{n:>14} " + " ".join(f"{a:>6.2f}" for a in row) for n, row in zip(r["lengths"], r["accuracy"])]
+    rows = [f"{n:>14} " + " ".join(f"{a:>6.2f}" for a in row)
+            for n, row in zip(r["lengths"], r["accuracy"], strict=True)]
     _print_result(f"{run.name}: needle grid ({r['task']}), {samples} samples per cell, mean accuracy "
                   f"{r['mean_accuracy']:.3f}", out / f"needle_{r['task']}", [header, *rows])
     return 0

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from titans.batches import Batch, EVAL_SEED_OFFSET, make_task_from_config, open_text_stream, text_tokenizer_name
+from titans.batches import EVAL_SEED_OFFSET, Batch, make_task_from_config, open_text_stream, text_tokenizer_name
 from titans.checkpoint import CheckpointError, atomic_write, load_checkpoint, resolve_checkpoint
 from titans.config import ConfigError, RunConfig, from_dict
 from titans.data.corpus import default_data_dir, load_manifest
