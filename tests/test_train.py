@@ -20,6 +20,7 @@ from titans.checkpoint import latest_checkpoint
 from titans.config import ConfigError, RunConfig, from_dict, save_yaml
 from titans.data.synthetic import PatternTask
 from titans.metrics import read_metrics
+from titans.model import TitansLM
 from titans.train import TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,10 +171,15 @@ def test_truncated_bptt(tmp_path, variant):
     assert max((full[k] - cut[k]).abs().max() for k in full) > 1e-4
 
 
-def test_activation_checkpointing_gives_the_same_weights(tmp_path):
+def test_activation_checkpointing_gives_the_same_weights(tmp_path, monkeypatch):
     train(tiny(train={"steps": 2, "tbptt_segments": 2}), tmp_path / "plain", progress=False)
+    chunks = []
+    real = TitansLM.set_activation_checkpointing
+    monkeypatch.setattr(TitansLM, "set_activation_checkpointing",
+                        lambda model, n: chunks.append(n) or real(model, n))
     train(tiny(train={"steps": 2, "tbptt_segments": 2, "activation_checkpointing": True}), tmp_path / "recomputed",
           progress=False)
+    assert chunks == [True]  # the memory recomputes every chunk in the backward pass
     a, b = weights(tmp_path / "plain"), weights(tmp_path / "recomputed")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 

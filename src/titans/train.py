@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint as recompute
 from tqdm.auto import tqdm
 
 from titans.batches import Batch, make_batches
@@ -59,32 +58,20 @@ class TrainingError(RuntimeError):
 
 class SegmentLoss(nn.Module):
     """Feeds a window of a batch through the LM in segments of ``segment_len`` tokens, carrying the state, and
-    returns the summed masked cross-entropy and the state after the window.
+    returns the summed masked cross-entropy and the state after the window. One forward of this module is followed
+    by one backward, which is what DDP expects."""
 
-    One forward of this module is followed by one backward, which is what DDP expects; with
-    ``recompute_segments`` each segment's activations are recomputed in the backward pass instead of stored.
-    """
-
-    def __init__(self, model: TitansLM, segment_len: int, recompute_segments: bool = False):
+    def __init__(self, model: nn.Module, segment_len: int):
         super().__init__()
-        self.model, self.segment_len, self.recompute_segments = model, segment_len, recompute_segments
-
-    def _segment(self, inputs: Tensor, targets: Tensor, mask: Tensor,
-                 state: TitansState | None) -> tuple[Tensor, TitansState]:
-        logits, state = self.model(inputs, state)
-        return masked_loss_sum(logits, targets, mask), state
+        self.model, self.segment_len = model, segment_len
 
     def forward(self, inputs: Tensor, targets: Tensor, loss_mask: Tensor,
                 state: TitansState | None = None) -> tuple[Tensor, TitansState]:
         total = inputs.new_zeros((), dtype=torch.float32)
         for start in range(0, inputs.shape[1], self.segment_len):
             piece = slice(start, start + self.segment_len)
-            args = (inputs[:, piece], targets[:, piece], loss_mask[:, piece], state)
-            if self.recompute_segments:
-                loss, state = recompute(self._segment, *args, use_reentrant=False)
-            else:
-                loss, state = self._segment(*args)
-            total = total + loss
+            logits, state = self.model(inputs[:, piece], state)
+            total = total + masked_loss_sum(logits, targets[:, piece], loss_mask[:, piece])
         return total, state
 
 
@@ -135,8 +122,9 @@ class _Trainer:
         self.autocast, self.precision = autocast_for(info.device, train_cfg.precision)
         _seed_everything(train_cfg.seed)
         self.model = TitansLM(config.model).to(info.device)
-        forward: nn.Module = SegmentLoss(self.model, train_cfg.seq_len // train_cfg.tbptt_segments,
-                                         train_cfg.activation_checkpointing)
+        if train_cfg.activation_checkpointing:  # the memory recomputes each chunk in the backward pass
+            self.model.set_activation_checkpointing(True)
+        forward: nn.Module = SegmentLoss(self.model, train_cfg.seq_len // train_cfg.tbptt_segments)
         if train_cfg.compile:
             forward.model = torch.compile(self.model)  # self.model stays uncompiled: its state_dict keys are saved
         self.forward = DistributedDataParallel(forward) if info.world_size > 1 else forward
