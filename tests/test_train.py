@@ -52,14 +52,6 @@ def losses(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if "per_s" not in k} for r in read_metrics(run_dir)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------ batches
 def test_synthetic_batches_shard_the_global_batch_and_resume():
     task = PatternTask(vocab_size=16, seq_len=8, max_period=4)
