@@ -51,6 +51,7 @@ barrier()
 if is_main_process():
     state = {{k: v.contiguous() for k, v in model.state_dict().items()}}
     save_file({{"losses": torch.stack(losses), "rank_mean": rank_mean, **state}}, f"{{out}}/result.safetensors")
+del ddp  # a DDP reducer outliving its gloo group can abort the process at exit
 cleanup()
 """
 

@@ -6,6 +6,7 @@ the trainer calls the same functions either way.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -94,6 +95,8 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    """Leave the process group (no-op when not distributed)."""
+    """Leave the process group (no-op when not distributed). Delete DistributedDataParallel wrappers first: a DDP
+    reducer that outlives its gloo process group can abort the process at exit."""
     if _active():
+        gc.collect()  # DDP reducers sit in reference cycles: free the dropped ones while their group still exists
         dist.destroy_process_group()

@@ -36,9 +36,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from titans.batches import Batch, make_batches
-from titans.checkpoint import CheckpointError, atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
+from titans.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from titans.config import ConfigError, RunConfig, load_yaml, save_yaml, to_dict
-from titans.distributed import DistInfo, barrier, init_distributed
+from titans.distributed import DistInfo, barrier, cleanup, init_distributed
 from titans.metrics import MetricsLogger, read_metrics
 from titans.model import TitansLM, TitansState
 from titans.optim import build_optimizer, build_scheduler
@@ -335,8 +341,11 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, *, stop_
     """
     joined = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(config.train.device)
+    trainer = None
     try:
-        return _Trainer(config, Path(run_dir), info, progress).run(resume, stop_at)
+        trainer = _Trainer(config, Path(run_dir), info, progress)
+        return trainer.run(resume, stop_at)
     finally:
-        if joined and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        del trainer  # the DDP reducer must be gone before its process group (gloo aborts at exit otherwise)
+        if joined:
+            cleanup()
