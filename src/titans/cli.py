@@ -246,8 +246,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- parser
 def _add_set(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.lr=1e-3 --set model.variant=mag (repeatable)")
+    parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set optim.lr=1e-3 model.variant=mag (repeatable)")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
