@@ -167,6 +167,11 @@ def test_bad_inputs_are_named():
         model(torch.tensor([[1, 40]]))
     with pytest.raises(ValueError, match="shape"):
         model(torch.zeros(3, dtype=torch.long))
+    _, state = model(torch.randint(0, 32, (2, 5)))
+    with pytest.raises(ValueError, match="only the batch it was built for"):
+        model(torch.randint(0, 32, (3, 5)), state)
+    with pytest.raises(ValueError, match="layers"):
+        TitansLM(preset("tiny", "lmm", vocab_size=32, layers=3))(torch.zeros(1, 2, dtype=torch.long), state)
     with pytest.raises(ValueError, match="unknown variant"):
         TitansConfig(variant="mamba")
     with pytest.raises(ValueError, match="divisible"):

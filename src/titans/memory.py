@@ -137,15 +137,20 @@ class NeuralMemory(nn.Module):
         y = self.norm(retrieved.to(x.dtype)).view(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
         return self.to_out(y * nn.functional.silu(self.to_gate(x)))
 
-    def _check(self, x: Tensor) -> None:
+    def _check(self, x: Tensor, state: NeuralMemoryState | None) -> None:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"NeuralMemory expects input of shape (batch, time, {self.dim}), got {tuple(x.shape)}")
+        if state is not None:
+            rows = next(iter(state.memory.weights.values())).shape[0]
+            if rows != x.shape[0] * self.heads:
+                raise ValueError(f"the memory state was built for batch {rows // self.heads}, got batch "
+                                 f"{x.shape[0]}: a state carries on only the batch it was built for")
 
     # ------------------------------------------------------------------------------------------------ API
 
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
         """Store every token of x in the memory and read it back: token t reads M_t, after its own update."""
-        self._check(x)
+        self._check(x, state)
         dtype = self._op_dtype(x)
         state = self.initial_state(x.shape[0], dtype) if state is None else NeuralMemoryState(state.memory,
                                                                                               dict(state.conv))
@@ -163,7 +168,7 @@ class NeuralMemory(nn.Module):
     def retrieve(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
         """Read the memory with queries from x without storing anything (M* in the paper). Only the read path's
         convolution tail advances."""
-        self._check(x)
+        self._check(x, state)
         dtype = self._op_dtype(x)
         state = self.initial_state(x.shape[0], dtype) if state is None else NeuralMemoryState(state.memory,
                                                                                               dict(state.conv))

@@ -156,6 +156,8 @@ class TitansLM(nn.Module):
             bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
         layer_states = [None] * len(self.blocks) if state is None else state.layers
+        if len(layer_states) != len(self.blocks):
+            raise ValueError(f"the state holds {len(layer_states)} layers but the model has {len(self.blocks)}")
         x = self.embed(tokens)
         new_states = []
         for block, layer_state in zip(self.blocks, layer_states):

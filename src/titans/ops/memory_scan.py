@@ -322,6 +322,10 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
     """
     _check_inputs(keys, values, queries, lr, momentum, decay, chunk_size)
     state = state if state is not None else MemoryState.initial(params)
+    rows = {w.shape[0] for w in state.weights.values()}
+    if rows != {keys.shape[0]}:
+        raise ValueError(f"the memory state holds {sorted(rows)} rows (batch x heads) but the inputs have "
+                         f"{keys.shape[0]}: a state carries on only the batch it was built for")
     pending = state.pending
     offset = 0 if pending is None else len(pending)
     keys = _cat_pending(pending, "keys", keys)
