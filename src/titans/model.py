@@ -32,7 +32,7 @@ class TitansConfig:
     layers: int = 4
     heads: int = 4
     ffn_hidden: int | None = None  # SwiGLU width; default: 8/3 * dim rounded up to a multiple of 16
-    tie_embeddings: bool = True
+    tie_embeddings: bool = False  # tied heads start from small embeddings (std 0.02), untied from std 1
     # attention
     window: int = 64  # sliding-window size of `swa`, `mag`, `mal`
     segment_len: int = 64  # segment size of `mac`
@@ -75,9 +75,9 @@ PRESETS: dict[str, tuple[dict, int | None]] = {
     "tiny": (dict(dim=32, layers=2, heads=2, window=16, segment_len=16, chunk_size=8, num_persistent=2), None),
     "small": (dict(dim=128, layers=4, heads=4, window=64, segment_len=64, chunk_size=16), 1_500_000),
     "170m": (dict(vocab_size=32000, dim=768, layers=12, heads=12, window=512, segment_len=512, chunk_size=64,
-                  num_persistent=16), 170_000_000),
+                  num_persistent=16, tie_embeddings=True), 170_000_000),
     "340m": (dict(vocab_size=32000, dim=1024, layers=24, heads=16, window=512, segment_len=512, chunk_size=64,
-                  num_persistent=16), 340_000_000),
+                  num_persistent=16, tie_embeddings=True), 340_000_000),
 }
 
 
@@ -143,7 +143,10 @@ class TitansLM(nn.Module):
                                     for _ in range(config.layers))
         self.norm = nn.RMSNorm(config.dim)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        # Untied: unit-scale embeddings, the scale of the normalised activations they feed (with std 0.02 the blocks'
+        # default-initialised projections swamp them, and MQAR stays at chance for thousands of steps). Tied: the
+        # embedding is also the output layer, so it starts small (GPT-2's 0.02) to keep the first logits small.
+        nn.init.normal_(self.embed.weight, std=0.02 if config.tie_embeddings else 1.0)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
 
