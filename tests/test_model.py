@@ -176,3 +176,30 @@ def test_bad_inputs_are_named():
         TitansConfig(variant="mamba")
     with pytest.raises(ValueError, match="divisible"):
         TitansConfig(dim=30, heads=4)
+
+
+def test_transformer_learns_associative_recall():
+    """MQAR (8 pairs in 64 tokens) is learned quickly at the default initialisation: a regression test for the
+    tied small-std embedding init, with which the model stayed at chance (~14%) for thousands of steps."""
+    from titans.data.synthetic import SyntheticDataset, make_task
+
+    torch.manual_seed(0)
+    model = TitansLM(TitansConfig(variant="transformer", vocab_size=64, dim=64, layers=2, heads=2))
+    data = SyntheticDataset(make_task("recall", vocab_size=64, seq_len=64, num_kv_pairs=8), 20_000, seed=0)
+
+    def batch(first, n):
+        examples = [data[first + i] for i in range(n)]
+        return [torch.stack([e[k] for e in examples]) for k in ("inputs", "targets", "loss_mask")]
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for step in range(400):
+        x, y, mask = batch(32 * step, 32)
+        loss = (torch.nn.functional.cross_entropy(model(x)[0].transpose(1, 2), y, reduction="none") * mask).sum()
+        optimizer.zero_grad()
+        (loss / mask.sum()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    x, y, mask = batch(15_000, 128)
+    with torch.no_grad():
+        accuracy = ((model(x)[0].argmax(-1) == y) & mask).sum() / mask.sum()
+    assert accuracy > 0.8, f"MQAR accuracy {accuracy:.3f} after 400 steps (chance 0.125)"
