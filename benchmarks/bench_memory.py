@@ -125,6 +125,14 @@ def isolated(args: argparse.Namespace, fn: Callable, *fn_args):
         return pool.submit(_call_with_threads, args.threads, fn, args, *fn_args).result()
 
 
+def apply_device_and_threads(args: argparse.Namespace) -> None:
+    """Resolve --device auto and apply --threads (0: torch's default)."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], help="T for table 1")
@@ -142,10 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.dim % args.heads or min(args.dim, args.heads, args.depth, args.chunk_size, args.repeats) < 1:
         parser.error("need positive --dim, --heads, --depth, --chunk-size, --repeats with --dim divisible by --heads")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_device_and_threads(args)
 
     mib = "peak CUDA MiB above baseline" if args.device == "cuda" else "peak RSS growth MiB (fresh process)"
     print(f"# NeuralMemory on {args.device}, float32, batch 1: dim={args.dim} heads={args.heads} depth={args.depth} "

@@ -21,7 +21,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from bench_memory import PeakMemory, isolated, median_seconds
+from bench_memory import PeakMemory, apply_device_and_threads, isolated, median_seconds
 from titans.model import VARIANTS, TitansLM, TitansState, count_parameters, preset
 
 
@@ -95,10 +95,7 @@ def main() -> None:
     if args.stream_length < 16 * args.piece or args.stream_length % (16 * args.piece):
         parser.error(f"--stream-length must be a positive multiple of 16 * --piece ({16 * args.piece}), so that the "
                      f"state is measured after 1/16 and 1/4 of it")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_device_and_threads(args)
 
     mib = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
     print(f"# Training step (fwd+bwd), preset {args.preset!r}, {args.device}, float32, batch {args.batch}, "

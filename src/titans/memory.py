@@ -146,14 +146,19 @@ class NeuralMemory(nn.Module):
                 raise ValueError(f"the memory state was built for batch {rows // self.heads}, got batch "
                                  f"{x.shape[0]}: a state carries on only the batch it was built for")
 
+    def _begin(self, x: Tensor, state: NeuralMemoryState | None) -> tuple[torch.dtype, NeuralMemoryState]:
+        """Validate x against the state; the op's dtype and a state whose conv tails this call may replace."""
+        self._check(x, state)
+        dtype = self._op_dtype(x)
+        if state is None:
+            return dtype, self.initial_state(x.shape[0], dtype)
+        return dtype, NeuralMemoryState(state.memory, dict(state.conv))
+
     # ------------------------------------------------------------------------------------------------ API
 
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
         """Store every token of x in the memory and read it back: token t reads M_t, after its own update."""
-        self._check(x, state)
-        dtype = self._op_dtype(x)
-        state = self.initial_state(x.shape[0], dtype) if state is None else NeuralMemoryState(state.memory,
-                                                                                              dict(state.conv))
+        dtype, state = self._begin(x, state)
         q, k, v = (self._project(x, name, state, name) for name in ("q", "k", "v"))
         gates = [self._gate(linear, x) for linear in (self.to_lr, self.to_momentum, self.to_decay)]
         lr = None if gates[0] is None else self.max_lr * gates[0]
@@ -168,10 +173,7 @@ class NeuralMemory(nn.Module):
     def retrieve(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
         """Read the memory with queries from x without storing anything (M* in the paper). Only the read path's
         convolution tail advances."""
-        self._check(x, state)
-        dtype = self._op_dtype(x)
-        state = self.initial_state(x.shape[0], dtype) if state is None else NeuralMemoryState(state.memory,
-                                                                                              dict(state.conv))
+        dtype, state = self._begin(x, state)
         q = self._project(x, "q", state, "retrieve_q")
         with torch.autocast(device_type=x.device.type, enabled=False):
             weights = current_weights(self.memory, state.memory, self.max_grad_norm)
