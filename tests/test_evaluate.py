@@ -215,7 +215,7 @@ def test_text_run_trains_evaluates_and_generates(tmp_path, text_corpus, capsys):
 @pytest.mark.parametrize("variant", ["mac", "lmm"])
 def test_memory_learns_each_segment_it_reads(variant):
     torch.manual_seed(0)
-    model = TitansLM(TitansConfig(variant=variant, vocab_size=16, dim=16, layers=2, heads=2, segment_len=8,
+    model = TitansLM(TitansConfig(variant=variant, vocab_size=16, dim=64, layers=2, heads=2, segment_len=8,
                                   chunk_size=4, num_persistent=2)).eval()
     records = inspect_memory(model, torch.randint(0, 16, (30,)), segment_len=8)
     assert [(r.segment, r.layer) for r in records] == [(s, layer) for s in range(4) for layer in range(2)]
@@ -228,13 +228,13 @@ def test_memory_weight_change_matches_the_state():
     from titans.ops import current_weights
 
     torch.manual_seed(0)
-    model = TitansLM(TitansConfig(variant="deltanet", vocab_size=16, dim=16, layers=1, heads=2, chunk_size=4)).eval()
+    model = TitansLM(TitansConfig(variant="lmm", vocab_size=16, dim=16, layers=1, heads=2, chunk_size=4)).eval()
     tokens = torch.randint(0, 16, (1, 12))
     record = inspect_memory(model, tokens, segment_len=12)[0]
     memory = model.blocks[0].mixer.memory
     with torch.no_grad():
         _, state = model(tokens)
-        after = current_weights(memory.memory, state.layers[0].memory, memory.max_grad_norm)
+        after = current_weights(memory.memory, state.layers[0].memory, memory.max_grad_norm, memory.normalize_chunk_lr)
         before = memory.initial_state(1).memory.weights
         change = math.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
         size = math.sqrt(sum((w ** 2).sum() for w in before.values()))

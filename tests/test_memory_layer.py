@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from titans.memory import NeuralMemory
+from titans.ops import current_weights
 
 F64 = torch.float64
 
@@ -72,17 +73,30 @@ def test_layer_gradcheck():
     assert torch.autograd.gradcheck(lambda inp: layer(inp)[0], (x,), eps=1e-6, atol=1e-6)
 
 
-def test_deep_memory_stays_finite_and_bounded_over_100k_tokens():
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_untrained_memory_stays_alive_over_100k_tokens(depth):
+    """Over 100K random tokens the memory neither explodes nor decays to zero: its read M(q) and every layer's
+    weights at 100K are within 10x of their size at 1K, both ways. (With std-1/sqrt(d) hidden layers and alpha = 1e-3
+    at initialisation, depth 4 read exactly 0 from ~40K tokens on.)"""
     torch.manual_seed(0)
-    layer = NeuralMemory(dim=32, heads=2, memory_depth=4, chunk_size=64)
-    state = None
+    layer = NeuralMemory(dim=32, heads=2, memory_depth=depth, chunk_size=64)
+    probe = torch.nn.functional.normalize(torch.randn(2, 64, 16), dim=-1)  # (batch x heads, queries, head_dim)
+
+    def sizes(state):
+        weights = current_weights(layer.memory, state.memory, None, layer.normalize_chunk_lr)
+        read = layer.memory(weights, probe).square().mean().sqrt()
+        return torch.stack([read] + [w.norm() for w in weights.values()])
+
+    state, early = None, None
     with torch.no_grad():
-        for _ in range(25):  # 25 x 4096 = 102,400 random tokens
-            y, state = layer(3 * torch.randn(1, 4096, 32), state)
-    weights = list(state.memory.weights.values()) + list(state.memory.momentum.values())
-    assert all(torch.isfinite(w).all() for w in weights) and torch.isfinite(y).all()
-    assert max(w.abs().max() for w in state.memory.weights.values()) < 100
-    assert min(w.abs().max() for w in state.memory.weights.values()) > 1e-3, "the memory collapsed to zero"
+        for i in range(26):  # 1,024 + 25 x 4,096 = 103,424 tokens
+            y, state = layer(torch.randn(1, 4096 if i else 1024, 32), state)
+            if i == 0:
+                early = sizes(state)
+    late = sizes(state)
+    assert torch.isfinite(y).all() and torch.isfinite(late).all()
+    ratio = late / early
+    assert (ratio < 10).all() and (ratio > 0.1).all(), f"read and weight sizes at 100K / at 1K: {ratio.tolist()}"
 
 
 def test_state_is_fp32_under_autocast_and_output_keeps_input_dtype():

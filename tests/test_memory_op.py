@@ -16,7 +16,7 @@ def make_inputs(bh=3, t=13, d=4, *, seed=0, dtype=F64, with_momentum=True, with_
     keys = torch.nn.functional.normalize(torch.randn(bh, t, d, generator=g, dtype=dtype), dim=-1)
     values = torch.randn(bh, t, d, generator=g, dtype=dtype)
     queries = torch.nn.functional.normalize(torch.randn(bh, t, d, generator=g, dtype=dtype), dim=-1)
-    lr = 0.4 * torch.rand(bh, t, generator=g, dtype=dtype)
+    lr = 0.2 * torch.rand(bh, t, generator=g, dtype=dtype)
     momentum = 0.9 * torch.rand(bh, t, generator=g, dtype=dtype) if with_momentum else None
     decay = 0.3 * torch.rand(bh, t, generator=g, dtype=dtype) if with_decay else None
     return keys, values, queries, lr, momentum, decay
@@ -40,6 +40,29 @@ def test_fast_path_equals_reference_float64(depth, chunk, with_momentum, with_de
     weights = current_weights(memory, state)  # 13 tokens: the last chunk is partial unless chunk = 1
     for name in w_ref:
         assert rel_err(weights[name], w_ref[name]) < 1e-10
+
+
+@pytest.mark.parametrize("depth,chunk", [(1, 1), (1, 5), (2, 4), (3, 8)])
+def test_chunk_normalised_step_equals_reference(depth, chunk):
+    """normalize_chunk_lr: theta_t divided by the overlap of k_t with its chunk's earlier keys; fast path, general
+    path, streaming and the token loop agree, and it changes nothing at chunk size 1."""
+    memory = MLPMemory(dim=4, depth=depth, hidden=6)
+    params = memory.init_params(3, generator=torch.Generator().manual_seed(4), dtype=F64)
+    keys, values, queries, lr, momentum, decay = make_inputs(seed=5)
+    keys = torch.nn.functional.normalize(keys + 1.0, dim=-1)  # correlated keys: the overlap matters
+    inputs = (keys, values, queries, lr, momentum, decay)
+    y, state = memory_scan(memory, params, *inputs, chunk_size=chunk, normalize_chunk_lr=True)
+    y_general, _ = memory_scan(lambda p, x: memory(p, x), params, *inputs, chunk_size=chunk, normalize_chunk_lr=True)
+    y_ref, w_ref, _ = memory_scan_reference(memory, params, *inputs, chunk_size=chunk, normalize_chunk_lr=True)
+    assert rel_err(y, y_ref) < 1e-10 and rel_err(y_general, y_ref) < 1e-10
+    for name, w in current_weights(memory, state, normalize_chunk_lr=True).items():
+        assert rel_err(w, w_ref[name]) < 1e-10
+    first, st = memory_scan(memory, params, *(x[:, :6] for x in inputs), chunk_size=chunk, normalize_chunk_lr=True)
+    second, _ = memory_scan(memory, params, *(x[:, 6:] for x in inputs), chunk_size=chunk, state=st,
+                            normalize_chunk_lr=True)
+    assert rel_err(torch.cat([first, second], 1), y_ref) < 1e-10
+    y_plain, _, _ = memory_scan_reference(memory, params, *inputs, chunk_size=chunk)
+    assert (rel_err(y_plain, y_ref) < 1e-12) == (chunk == 1)
 
 
 @pytest.mark.parametrize("residual,activation", [(True, "silu"), (False, "gelu"), (False, "tanh")])

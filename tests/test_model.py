@@ -120,9 +120,17 @@ def test_ablation_switches_remove_their_part():
     for variant in MEMORY_VARIANTS:
         names = [n for n, _ in TitansLM(preset("tiny", variant, num_persistent=0)).named_parameters()]
         assert not any(n.endswith("persistent") for n in names)
-    assert all(m.memory.depth == 1 and m.to_momentum is None for m in _memories(TitansLM(preset("tiny", "deltanet"))))
-    ttt = _memories(TitansLM(preset("tiny", "ttt")))
-    assert all(m.to_momentum is None and m.to_decay is None and m.memory.depth == 2 for m in ttt)
+
+def test_baselines_are_the_published_layers():
+    from titans.deltanet import DeltaNet
+    from titans.ttt import TTT
+
+    for variant, gated in (("deltanet", False), ("gated_deltanet", True)):
+        mixers = [b.mixer for b in TitansLM(preset("tiny", variant)).blocks]
+        assert all(isinstance(m, DeltaNet) and m.gated == gated and hasattr(m, "A_log") == gated for m in mixers)
+    for depth, inner in ((1, "linear"), (2, "mlp")):
+        mixers = [b.mixer for b in TitansLM(preset("tiny", "ttt", memory_depth=depth)).blocks]
+        assert all(isinstance(m, TTT) and m.inner == inner and m.mini_batch_size == 8 for m in mixers)
 
 
 def test_parameter_counting_and_matching():

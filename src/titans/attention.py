@@ -157,10 +157,11 @@ class CausalSelfAttention(nn.Module):
         """(..., T, heads * head_dim) -> (..., heads, T, head_dim)."""
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(-3, -2)
 
-    def _persistent_keys_values(self, batch: int) -> tuple[Tensor, Tensor] | tuple[None, None]:
-        if self.persistent is None:
+    def _persistent_keys_values(self, batch: int, prefix: Tensor | None) -> tuple[Tensor, Tensor] | tuple[None, None]:
+        tokens = self.persistent if prefix is None else prefix
+        if tokens is None:
             return None, None
-        keys, values = self._heads(self.key(self.persistent)), self._heads(self.value(self.persistent))
+        keys, values = self._heads(self.key(tokens)), self._heads(self.value(tokens))
         if self.key_norm is not None:
             keys = self.key_norm(keys)
         return keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)
@@ -174,7 +175,7 @@ class CausalSelfAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         if pk is not None:
             k, v = torch.cat((pk, k), dim=-2), torch.cat((pv, v), dim=-2)
-        mask = attention_mask(num_queries, num_past, self.window, self.num_persistent, q.device)
+        mask = attention_mask(num_queries, num_past, self.window, 0 if pk is None else pk.size(-2), q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
     def _attend_blockwise(
@@ -206,8 +207,10 @@ class CausalSelfAttention(nn.Module):
         rest = rest.unflatten(0, (batch, num_blocks - 1)).transpose(1, 2).flatten(2, 3)[:, :, : length - w]
         return torch.cat((first, rest), dim=2)
 
-    def forward(self, x: Tensor, state: AttentionState | None = None) -> tuple[Tensor, AttentionState]:
-        """x: (B, T, dim) -> (y: (B, T, dim), the state after these T tokens)."""
+    def forward(self, x: Tensor, state: AttentionState | None = None,
+                prefix: Tensor | None = None) -> tuple[Tensor, AttentionState]:
+        """x: (B, T, dim) -> (y: (B, T, dim), the state after these T tokens). prefix: (B, n, dim) tokens that every
+        position sees, whatever the window, in place of the learned persistent tokens (MAL's memory-read ones)."""
         if x.dim() != 3 or x.size(-1) != self.dim:
             raise ValueError(f"expected input of shape (B, T, {self.dim}), got {tuple(x.shape)}")
         batch, length, _ = x.shape
@@ -223,7 +226,7 @@ class CausalSelfAttention(nn.Module):
         if state is not None:
             k, v = torch.cat((state.keys, k), dim=2), torch.cat((state.values, v), dim=2)
         num_past = k.size(2) - length
-        pk, pv = self._persistent_keys_values(batch)
+        pk, pv = self._persistent_keys_values(batch, prefix)
 
         if self.window is None or length <= self.window:
             y = self._attend(q, k, v, pk, pv, num_past)

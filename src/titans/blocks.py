@@ -100,19 +100,40 @@ class MAGMixer(nn.Module):
         return self.gate(y, m), GateMixerState(attention_state, memory_state)
 
 
+@dataclass
+class MALState:
+    attention: AttentionState
+    memory: NeuralMemoryState
+    prefix: Tensor | None  # the persistent tokens after the memory layer: the attention's always-visible prefix
+
+    def detach(self) -> "MALState":
+        return MALState(self.attention.detach(), self.memory.detach(),
+                        None if self.prefix is None else self.prefix.detach())
+
+
 class MALMixer(nn.Module):
-    """Memory as a Layer (Section 4.3): x~ = [p] || x;  y = M(x~);  o = SW-Attn(y)."""
+    """Memory as a Layer (Section 4.3, Eqs. 29-31) in an H3-like block with a residual around each layer (4.4):
+    x~ = [p] || x;  y = x~ + M(x~);  o = y + SW-Attn(y). The persistent tokens reach the attention through the
+    memory: their outputs y_p are the attention's prefix, visible to every position whatever the window. Returns
+    o - x~ = M(x~) + SW-Attn(y): the block's own residual adds x back."""
 
     def __init__(self, attention: CausalSelfAttention, memory: NeuralMemory, num_persistent: int):
         super().__init__()
         self.attention, self.memory = attention, memory
         self.persistent = nn.Parameter(torch.randn(num_persistent, memory.dim)) if num_persistent else None
 
-    def forward(self, x: Tensor, state: GateMixerState | None = None):
-        y, memory_state = _with_persistent_prefix(self.memory, self.persistent, x,
-                                                  None if state is None else state.memory)
-        o, attention_state = self.attention(y, None if state is None else state.attention)
-        return o, GateMixerState(attention_state, memory_state)
+    def forward(self, x: Tensor, state: MALState | None = None):
+        if state is None:
+            n = 0 if self.persistent is None else self.persistent.shape[0]
+            inputs = x if n == 0 else torch.cat([self.persistent.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+            m, memory_state = self.memory(inputs, None)
+            y = inputs + m
+            prefix, y, m = (y[:, :n] if n else None), y[:, n:], m[:, n:]
+        else:
+            m, memory_state = self.memory(x, state.memory)
+            y, prefix = x + m, state.prefix
+        o, attention_state = self.attention(y, None if state is None else state.attention, prefix=prefix)
+        return m + o, MALState(attention_state, memory_state, prefix)
 
 
 @dataclass

@@ -93,8 +93,8 @@ def _segment_record(memory: NeuralMemory, calls: list, segment: int, layer: int)
         scratch = NeuralMemoryState(state_in.memory, dict(state_in.conv))  # _project advances the conv tails
         keys.append(memory._project(x, "k", scratch, "k"))
         values.append(memory._project(x, "v", scratch, "v"))
-    before = current_weights(memory.memory, calls[0][1].memory, memory.max_grad_norm)
-    after = current_weights(memory.memory, calls[-1][2].memory, memory.max_grad_norm)
+    before = current_weights(memory.memory, calls[0][1].memory, memory.max_grad_norm, memory.normalize_chunk_lr)
+    after = current_weights(memory.memory, calls[-1][2].memory, memory.max_grad_norm, memory.normalize_chunk_lr)
     k, v = torch.cat(keys, dim=1), torch.cat(values, dim=1)
     change = _norm({n: after[n] - before[n] for n in before}) / _norm(before)
     return SegmentRecord(segment, layer, k.shape[1], float(change), _inner_loss(memory, before, k, v),

@@ -60,10 +60,13 @@ class NeuralMemory(nn.Module):
         chunk_size: tokens per mini-batch gradient step of the memory (Eq. 16); 1 = the plain online rule.
         momentum / forgetting: ablation switches for eta (Eq. 10) and alpha (Eq. 13).
         use_conv: the depthwise convolutions after the q, k, v projections (Section 4.4).
-        max_lr: upper bound of the data-dependent step size theta. init_lr, init_momentum, init_decay: the gates'
-            values at initialisation (conservative by default, so an untrained memory stays finite).
-        max_grad_norm: per-token bound on the norm of the surprise gradient (None: the paper's rule unclipped). With
-            bounded steps and forgetting the memory weights stay bounded however long the stream.
+        max_lr: upper bound of the data-dependent step size theta. The inner loss has no 1/2, so for a linear memory
+            with unit keys theta = 0.5 is the delta rule with beta = 1: one token overwrites its association.
+            init_lr, init_momentum, init_decay: the gates' values at initialisation.
+        normalize_chunk_lr: divide each token's theta by how many earlier tokens of its chunk its gradient piles onto
+            (see `memory_scan`), so that one max_lr is stable at any chunk size; exact at chunk size 1.
+        max_grad_norm: per-token bound on the norm of the surprise gradient (None: the paper's rule unclipped).
+        learn_initial_memory: M_0 is a parameter of the outer loop (True) or fixed (False).
         checkpoint_chunks: activation checkpointing in groups of this many memory chunks (0: off): less training
             memory for one more forward pass.
     """
@@ -71,8 +74,9 @@ class NeuralMemory(nn.Module):
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, memory_depth: int = 2,
                  memory_expansion: float = 2.0, chunk_size: int = 64, activation: str = "silu",
                  memory_residual: bool = False, momentum: bool = True, forgetting: bool = True, use_conv: bool = True,
-                 conv_kernel: int = 4, max_lr: float = 0.1, init_lr: float = 0.01, init_momentum: float = 0.5,
-                 init_decay: float = 0.001, max_grad_norm: float | None = 1.0, checkpoint_chunks: int = 0):
+                 conv_kernel: int = 4, max_lr: float = 0.5, init_lr: float = 0.25, init_momentum: float = 0.1,
+                 init_decay: float = 1e-4, max_grad_norm: float | None = None, normalize_chunk_lr: bool = True,
+                 learn_initial_memory: bool = True, checkpoint_chunks: int = 0):
         super().__init__()
         if dim < 1 or heads < 1:
             raise ValueError(f"dim and heads must be positive, got dim={dim}, heads={heads}")
@@ -81,8 +85,14 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"head_dim must be positive (dim={dim}, heads={heads})")
         if not 0 < init_lr < max_lr:
             raise ValueError(f"need 0 < init_lr < max_lr, got init_lr={init_lr}, max_lr={max_lr}")
+        for name, value in (("init_momentum", init_momentum), ("init_decay", init_decay)):
+            if not 0 < value < 1:
+                raise ValueError(f"{name} must lie in (0, 1), got {value}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.dim, self.heads, self.head_dim, self.chunk_size = dim, heads, head_dim, chunk_size
         self.max_lr, self.max_grad_norm, self.checkpoint_chunks = max_lr, max_grad_norm, checkpoint_chunks
+        self.normalize_chunk_lr = normalize_chunk_lr
         self.use_momentum, self.use_forgetting = momentum, forgetting
         self.memory = MLPMemory(dim=head_dim, depth=memory_depth, hidden=max(1, round(head_dim * memory_expansion)),
                                 activation=activation, residual=memory_residual)
@@ -99,9 +109,13 @@ class NeuralMemory(nn.Module):
             if linear is not None:
                 nn.init.normal_(linear.weight, std=0.02)
                 nn.init.constant_(linear.bias, _logit(value))
-        # M_0: learnable initial memory weights, one set per head
+        # M_0, one set per head: random hidden layers and a zero last layer, so that an empty memory reads 0 (a
+        # random M_0 is a fixed read path that swamps what was stored). learn_initial_memory: meta-learned by the
+        # outer loop, else fixed (S_0 = 0 for a linear memory, as in DeltaNet).
+        initial = self.memory.init_params(heads)
+        initial[self.memory.names[-1]].zero_()
         self.initial_weights = nn.ParameterDict(
-            {name: nn.Parameter(w) for name, w in self.memory.init_params(heads).items()})
+            {name: nn.Parameter(w, requires_grad=learn_initial_memory) for name, w in initial.items()})
         # output: per-head norm, gate from a linear map of x, projection (Section 4.4)
         self.norm = nn.RMSNorm(head_dim)
         self.to_gate = nn.Linear(dim, inner, bias=False)
@@ -167,7 +181,7 @@ class NeuralMemory(nn.Module):
             retrieved, state.memory = memory_scan(
                 self.memory, state.memory.weights, cast(k), cast(v), cast(q), cast(lr), cast(gates[1]),
                 cast(gates[2]), self.chunk_size, state=state.memory, max_grad_norm=self.max_grad_norm,
-                checkpoint_chunks=self.checkpoint_chunks)
+                normalize_chunk_lr=self.normalize_chunk_lr, checkpoint_chunks=self.checkpoint_chunks)
         return self._output(retrieved, x), state
 
     def retrieve(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
@@ -176,6 +190,6 @@ class NeuralMemory(nn.Module):
         dtype, state = self._begin(x, state)
         q = self._project(x, "q", state, "retrieve_q")
         with torch.autocast(device_type=x.device.type, enabled=False):
-            weights = current_weights(self.memory, state.memory, self.max_grad_norm)
+            weights = current_weights(self.memory, state.memory, self.max_grad_norm, self.normalize_chunk_lr)
             retrieved = self.memory(weights, q.to(dtype))
         return self._output(retrieved, x), state

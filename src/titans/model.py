@@ -1,12 +1,13 @@
 """`TitansLM`: token embedding -> N pre-norm blocks (a sequence mixer, then SwiGLU) -> norm -> LM head.
 
 `config.variant` picks the mixer: the Titans architectures `mac`, `mag`, `mal`, `lmm` (paper Section 4) and the
-baselines `transformer`, `swa`, `deltanet`, `ttt`, all through the same blocks, streaming state and training code.
+baselines `transformer`, `swa`, `deltanet`, `gated_deltanet`, `ttt`, all through the same blocks, streaming state and training code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,9 +16,11 @@ from torch import Tensor, nn
 
 from .attention import CausalSelfAttention
 from .blocks import AttentionMixer, Block, MACMixer, MAGMixer, MALMixer, MemoryMixer
+from .deltanet import DeltaNet
 from .memory import NeuralMemory
+from .ttt import TTT
 
-Variant = Literal["mac", "mag", "mal", "lmm", "transformer", "swa", "deltanet", "ttt"]
+Variant = Literal["mac", "mag", "mal", "lmm", "transformer", "swa", "deltanet", "gated_deltanet", "ttt"]
 VARIANTS: tuple[str, ...] = Variant.__args__
 TITANS_VARIANTS = ("mac", "mag", "mal", "lmm")
 
@@ -47,8 +50,14 @@ class TitansConfig:
     forgetting: bool = True
     memory_conv: bool = True
     memory_activation: str = "silu"
-    max_lr: float = 0.1
-    max_grad_norm: float | None = 1.0
+    # the memory's step size theta, momentum eta and forgetting alpha (data-dependent gates, Section 3.1)
+    max_lr: float = 0.5  # theta <= max_lr; 0.5 with unit keys is a full delta-rule overwrite (inner loss has no 1/2)
+    init_lr: float = 0.25  # theta at initialisation
+    init_momentum: float = 0.1  # eta at initialisation (0.5 doubles the effective step: a deep memory diverged)
+    init_decay: float = 1e-4  # alpha at initialisation (1e-3 let deep memories decay to 0 over 100K tokens)
+    normalize_chunk_lr: bool = True  # theta_j / (overlap of k_j with its chunk's earlier keys): stable at any chunk
+    max_grad_norm: float | None = None  # per-token surprise clipping (not in the paper); null: off
+    learn_initial_memory: bool = True  # M_0 (zero last layer) learned by the outer loop, or fixed
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -60,6 +69,19 @@ class TitansConfig:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         if self.num_persistent < 0:
             raise ValueError(f"num_persistent must be >= 0, got {self.num_persistent}")
+        if not (math.isfinite(self.max_lr) and 0 < self.init_lr < self.max_lr):
+            raise ValueError(f"need 0 < init_lr < max_lr, got init_lr={self.init_lr}, max_lr={self.max_lr}; "
+                             "change model.init_lr or model.max_lr")
+        for name in ("init_momentum", "init_decay"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie in (0, 1), got {getattr(self, name)}; change model.{name}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}; "
+                             "change model.max_grad_norm")
+        if self.memory_expansion <= 0:
+            raise ValueError(f"memory_expansion must be > 0, got {self.memory_expansion}")
+        if self.memory_heads is not None and self.memory_heads < 1:
+            raise ValueError(f"memory_heads must be >= 1 or null, got {self.memory_heads}")
 
     @property
     def ffn_width(self) -> int:
@@ -90,14 +112,15 @@ def preset(name: str, variant: str = "mac", **overrides) -> TitansConfig:
     return config if target is None or "ffn_hidden" in overrides else match_parameters(config, target)
 
 
-def _memory(config: TitansConfig, *, depth: int | None = None, momentum: bool | None = None,
-            forgetting: bool | None = None) -> NeuralMemory:
+def _memory(config: TitansConfig) -> NeuralMemory:
     return NeuralMemory(
-        config.dim, heads=config.memory_heads or config.heads, memory_depth=depth or config.memory_depth,
+        config.dim, heads=config.memory_heads or config.heads, memory_depth=config.memory_depth,
         memory_expansion=config.memory_expansion, chunk_size=config.chunk_size,
-        activation=config.memory_activation, momentum=config.momentum if momentum is None else momentum,
-        forgetting=config.forgetting if forgetting is None else forgetting, use_conv=config.memory_conv,
-        max_lr=config.max_lr, max_grad_norm=config.max_grad_norm)
+        activation=config.memory_activation, momentum=config.momentum, forgetting=config.forgetting,
+        use_conv=config.memory_conv,
+        max_lr=config.max_lr, init_lr=config.init_lr, init_momentum=config.init_momentum,
+        init_decay=config.init_decay, normalize_chunk_lr=config.normalize_chunk_lr,
+        max_grad_norm=config.max_grad_norm, learn_initial_memory=config.learn_initial_memory)
 
 
 def build_mixer(config: TitansConfig) -> nn.Module:
@@ -112,10 +135,12 @@ def build_mixer(config: TitansConfig) -> nn.Module:
         return AttentionMixer(attention(c.window, 0))
     if c.variant == "lmm":
         return MemoryMixer(_memory(c), c.num_persistent)
-    if c.variant == "deltanet":  # gated delta rule: linear memory, forgetting, no momentum
-        return MemoryMixer(_memory(c, depth=1, momentum=False, forgetting=True))
-    if c.variant == "ttt":  # deep memory, plain gradient steps: no momentum, no forgetting
-        return MemoryMixer(_memory(c, momentum=False, forgetting=False))
+    if c.variant in ("deltanet", "gated_deltanet"):  # the (gated) delta rule as published, exact chunked form
+        return DeltaNet(c.dim, heads=c.memory_heads or c.heads, gated=c.variant == "gated_deltanet",
+                        chunk_size=c.chunk_size, conv_kernel=4 if c.memory_conv else 0)
+    if c.variant == "ttt":  # TTT-Linear (memory_depth 1) or TTT-MLP, mini-batch = chunk; Mamba-backbone short conv
+        return TTT(c.dim, heads=c.memory_heads or c.heads, inner="linear" if c.memory_depth == 1 else "mlp",
+                   mini_batch_size=c.chunk_size, conv_kernel=4 if c.memory_conv else 0)
     if c.variant == "mag":
         return MAGMixer(attention(c.window, c.num_persistent), _memory(c))
     if c.variant == "mal":

@@ -1,11 +1,15 @@
-"""Functional ops of Titans' neural memory: the fast chunked scan and its naive reference."""
+"""Functional ops of Titans' neural memory (the fast chunked scan and its naive reference) and of the delta-rule
+and TTT baselines."""
 
 from .activations import ACTIVATIONS, get_activation
+from .delta_rule import delta_rule_chunked, delta_rule_reference
 from .memory_scan import MemoryState, PendingTokens, current_weights, memory_retrieve, memory_scan
 from .mlp_memory import MLPMemory, Params
 from .reference import memory_scan_reference
+from .ttt import TTTInnerState, TTTPending, ttt_current_weights, ttt_reference, ttt_scan
 
 __all__ = [
-    "ACTIVATIONS", "MLPMemory", "MemoryState", "Params", "PendingTokens", "current_weights", "get_activation",
-    "memory_retrieve", "memory_scan", "memory_scan_reference",
+    "ACTIVATIONS", "MLPMemory", "MemoryState", "Params", "PendingTokens", "current_weights", "delta_rule_chunked",
+    "delta_rule_reference", "get_activation", "memory_retrieve", "memory_scan", "memory_scan_reference",
+    "TTTInnerState", "TTTPending", "ttt_current_weights", "ttt_reference", "ttt_scan",
 ]

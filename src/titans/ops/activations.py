@@ -17,6 +17,7 @@ from torch import Tensor
 class Activation(NamedTuple):
     fn: Callable[[Tensor], Tensor]
     derivative: Callable[[Tensor], Tensor]
+    gain: float  # g with E[s(g a)^2] = 1 for a ~ N(0, 1) (tanh: torch's 5/3): keeps activations' size per layer
 
 
 def _silu_derivative(a: Tensor) -> Tensor:
@@ -31,11 +32,11 @@ def _gelu_derivative(a: Tensor) -> Tensor:  # exact (erf) GELU
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "silu": Activation(torch.nn.functional.silu, _silu_derivative),
-    "gelu": Activation(torch.nn.functional.gelu, _gelu_derivative),
-    "tanh": Activation(torch.tanh, lambda a: 1 - torch.tanh(a) ** 2),
-    "relu": Activation(torch.relu, lambda a: (a > 0).to(a.dtype)),
-    "identity": Activation(lambda a: a, torch.ones_like),
+    "silu": Activation(torch.nn.functional.silu, _silu_derivative, 1.5588),
+    "gelu": Activation(torch.nn.functional.gelu, _gelu_derivative, 1.4680),
+    "tanh": Activation(torch.tanh, lambda a: 1 - torch.tanh(a) ** 2, 5 / 3),
+    "relu": Activation(torch.relu, lambda a: (a > 0).to(a.dtype), math.sqrt(2)),
+    "identity": Activation(lambda a: a, torch.ones_like, 1.0),
 }
 
 

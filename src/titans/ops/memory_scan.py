@@ -154,6 +154,15 @@ def _clip_scale(squared_norms: Tensor, max_norm: float) -> Tensor:
 # --------------------------------------------------------------------------------------------- MLP fast path
 
 
+def causal_key_overlap(keys: Tensor) -> Tensor:
+    """rho_j = sum_{i <= j in the chunk} |cos(k_i, k_j)| >= 1 for keys (BH, C, d): how many earlier tokens of its
+    chunk token j's step piles onto. Chunked steps are all taken at the chunk-start weights, so with correlated keys
+    they add up; theta_j / rho_j bounds the chunk's summed step the way one token's step is bounded (a causal
+    Gershgorin bound on the chunk's key Gram matrix). Equal to 1 at chunk size 1 and for orthogonal keys."""
+    unit = torch.nn.functional.normalize(keys, dim=-1)
+    return (unit @ unit.transpose(-1, -2)).abs().tril().sum(-1).clamp(min=1)
+
+
 def _inner_gradient_factors(memory: MLPMemory, W: Params, keys: Tensor, values: Tensor):
     """Forward the chunk's keys through f(W_c, .) and back-propagate the inner loss by hand.
     Returns, per layer, the layer inputs z_l (BH, C, d_in) and output-gradients delta_l (BH, C, d_out), so that
@@ -270,8 +279,11 @@ def _cat_pending(pending: PendingTokens | None, name: str, new: Tensor | None) -
 
 
 def _chunk_step(memory_fn: MemoryFn, W: Params, S: Params, keys: Tensor, values: Tensor, queries: Tensor, lr: Tensor,
-                products: GateProducts, max_grad_norm: float | None, complete: bool) -> tuple[Tensor, Params, Params]:
+                products: GateProducts, max_grad_norm: float | None, complete: bool,
+                normalize_chunk_lr: bool) -> tuple[Tensor, Params, Params]:
     """One chunk: the retrievals of its tokens and, if the chunk is complete, W and S after it."""
+    if normalize_chunk_lr:
+        lr = lr / causal_key_overlap(keys)
     if isinstance(memory_fn, MLPMemory):
         inputs, deltas = _inner_gradient_factors(memory_fn, W, keys, values)
         if max_grad_norm is not None:
@@ -292,11 +304,13 @@ def _chunk_step(memory_fn: MemoryFn, W: Params, S: Params, keys: Tensor, values:
     return y, W, S
 
 
-def _chunk_group(memory_fn: MemoryFn, W: Params, S: Params, chunks: list, max_grad_norm: float | None):
+def _chunk_group(memory_fn: MemoryFn, W: Params, S: Params, chunks: list, max_grad_norm: float | None,
+                 normalize_chunk_lr: bool):
     """Consecutive chunks, (keys, values, queries, lr, products, complete) each: their retrievals, W and S after."""
     outputs = []
     for keys, values, queries, lr, products, complete in chunks:
-        y, W, S = _chunk_step(memory_fn, W, S, keys, values, queries, lr, products, max_grad_norm, complete)
+        y, W, S = _chunk_step(memory_fn, W, S, keys, values, queries, lr, products, max_grad_norm, complete,
+                              normalize_chunk_lr)
         outputs.append(y)
     return torch.cat(outputs, dim=1), W, S
 
@@ -304,7 +318,7 @@ def _chunk_group(memory_fn: MemoryFn, W: Params, S: Params, chunks: list, max_gr
 def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tensor, queries: Tensor, lr: Tensor,
                 momentum: Tensor | None, decay: Tensor | None, chunk_size: int,
                 state: MemoryState | None = None, max_grad_norm: float | None = None,
-                checkpoint_chunks: int = 0) -> tuple[Tensor, MemoryState]:
+                normalize_chunk_lr: bool = False, checkpoint_chunks: int = 0) -> tuple[Tensor, MemoryState]:
     """Store (keys, values) into the memory and read it with `queries`, token by token, with chunked gradients.
 
     memory_fn: f(params, x), a pure function of batched params (BH, ...) and inputs (BH, N, d), rows independent; an
@@ -357,9 +371,9 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
                   for c in range(first, min(first + group, n_chunks))]
         if checkpointing:
             y, W, S = torch.utils.checkpoint.checkpoint(_chunk_group, memory_fn, W, S, chunks, max_grad_norm,
-                                                        use_reentrant=False)
+                                                        normalize_chunk_lr, use_reentrant=False)
         else:
-            y, W, S = _chunk_group(memory_fn, W, S, chunks, max_grad_norm)
+            y, W, S = _chunk_group(memory_fn, W, S, chunks, max_grad_norm, normalize_chunk_lr)
         outputs.append(y)
 
     retrieved = torch.cat(outputs, dim=1)[:, offset:total]
@@ -371,7 +385,8 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
     return retrieved, MemoryState(W, S, new_pending)
 
 
-def current_weights(memory_fn: MemoryFn, state: MemoryState, max_grad_norm: float | None = None) -> Params:
+def current_weights(memory_fn: MemoryFn, state: MemoryState, max_grad_norm: float | None = None,
+                    normalize_chunk_lr: bool = False) -> Params:
     """The weights after the last token seen, W_t (folds the pending tokens in; the state itself is unchanged)."""
     pending = state.pending
     if pending is None:
@@ -379,7 +394,8 @@ def current_weights(memory_fn: MemoryFn, state: MemoryState, max_grad_norm: floa
     p = len(pending)
     _, advanced = memory_scan(memory_fn, state.weights, pending.keys, pending.values, pending.keys, pending.lr,
                               pending.momentum, pending.decay, chunk_size=p,
-                              state=replace(state, pending=None), max_grad_norm=max_grad_norm)
+                              state=replace(state, pending=None), max_grad_norm=max_grad_norm,
+                              normalize_chunk_lr=normalize_chunk_lr)
     return advanced.weights
 
 

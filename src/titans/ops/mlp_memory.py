@@ -52,11 +52,14 @@ class MLPMemory:
 
     def init_params(self, batch: int, *, generator: torch.Generator | None = None, dtype=torch.float32,
                     device=None) -> Params:
-        """Random weights with a leading batch axis, scaled so f(W, x) keeps the size of x."""
+        """Random weights with a leading batch axis, scaled so f(W, x) keeps the size of x: std 1 / sqrt(d_in), times
+        the activation's gain for the layers an activation follows (so a deep memory's hidden layers neither vanish
+        nor need a training signal to stay alive)."""
+        gain = self.act.gain
         params = {}
-        for name, (d_out, d_in) in self.shapes().items():
+        for i, (name, (d_out, d_in)) in enumerate(self.shapes().items()):
             w = torch.randn(batch, d_out, d_in, generator=generator, dtype=dtype, device=device)
-            params[name] = w / d_in**0.5
+            params[name] = w * ((gain if i < self.depth - 1 else 1.0) / d_in**0.5)
         return params
 
     def __call__(self, params: Params, x: Tensor) -> Tensor:

@@ -11,7 +11,8 @@ from .memory_scan import MemoryFn, Params
 
 def memory_scan_reference(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tensor, queries: Tensor,
                           lr: Tensor, momentum: Tensor | None, decay: Tensor | None,
-                          chunk_size: int, max_grad_norm: float | None = None) -> tuple[Tensor, Params, Params]:
+                          chunk_size: int, max_grad_norm: float | None = None,
+                          normalize_chunk_lr: bool = False) -> tuple[Tensor, Params, Params]:
     """Token-by-token memory_scan from the initial weights. Returns (retrieved, final weights, final momentum).
     Differentiable: the inner gradients come from torch.func.grad, which composes with the outer autograd."""
     def inner_loss(weights: Params, k: Tensor, v: Tensor) -> Tensor:  # Eq. 12, summed over the independent BH rows
@@ -24,6 +25,12 @@ def memory_scan_reference(memory_fn: MemoryFn, params: Params, keys: Tensor, val
         if t % chunk_size == 0:
             W_chunk = dict(W)  # Eq. 16: every token of the chunk takes its gradient at the chunk-start weights
         grads = torch.func.grad(inner_loss)(W_chunk, keys[:, t:t + 1], values[:, t:t + 1])
+        theta = lr[:, t]
+        if normalize_chunk_lr:  # theta_t / sum over the chunk's tokens i <= t of |cos(k_i, k_t)|, at least 1
+            start = t - t % chunk_size
+            overlap = sum(torch.nn.functional.cosine_similarity(keys[:, i], keys[:, t], dim=-1, eps=1e-12).abs()
+                          for i in range(start, t + 1))
+            theta = theta / overlap.clamp(min=1)
         if max_grad_norm is not None:  # per-token clipping of the whole surprise gradient
             norm = sum(g.flatten(1).square().sum(1) for g in grads.values()).sqrt()
             grads = {n: g * (max_grad_norm / norm).clamp(max=1).reshape(-1, *(1,) * (g.dim() - 1))
@@ -32,7 +39,7 @@ def memory_scan_reference(memory_fn: MemoryFn, params: Params, keys: Tensor, val
             shape = (-1,) + (1,) * (W[name].dim() - 1)
             eta = 0.0 if momentum is None else momentum[:, t].reshape(shape)
             keep = 1.0 if decay is None else (1 - decay[:, t]).reshape(shape)
-            S[name] = eta * S[name] - lr[:, t].reshape(shape) * grads[name]  # Eq. 14
+            S[name] = eta * S[name] - theta.reshape(shape) * grads[name]  # Eq. 14
             W[name] = keep * W[name] + S[name]  # Eq. 13
         outputs.append(memory_fn(W, queries[:, t:t + 1]))  # Eq. 15: token t reads W_t
     return torch.cat(outputs, dim=1), W, S
