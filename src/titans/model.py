@@ -232,7 +232,7 @@ def count_parameters(config_or_model: TitansConfig | nn.Module, by_component: bo
     if isinstance(config_or_model, TitansConfig):
         with torch.device("meta"):
             model = TitansLM(config_or_model)
-    params = dict(model.named_parameters())  # named_parameters de-duplicates tied weights
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # de-duplicates tied weights
     if not by_component:
         return sum(p.numel() for p in params.values())
     counts: dict[str, int] = {}
