@@ -237,8 +237,10 @@ def test_memory_weight_change_matches_the_state():
         after = current_weights(memory.memory, state.layers[0].memory, memory.max_grad_norm, memory.normalize_chunk_lr)
         before = memory.initial_state(1).memory.weights
         change = math.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
-        size = math.sqrt(sum((w ** 2).sum() for w in before.values()))
+        size = max(math.sqrt(sum((w ** 2).sum() for w in ws.values())) for ws in (before, after))
     assert record.weight_change == pytest.approx(change / size)
+    assert set(record.signals) == {"theta", "eta", "alpha", "surprise", "clip"}
+    assert [len(head) for head in record.signals["theta"]] == [record.tokens] * 2  # heads x tokens (persistent too)
 
 
 def test_inspect_needs_a_memory():

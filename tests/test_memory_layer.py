@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from titans.memory import NeuralMemory
+from titans.memory import NeuralMemory, NeuralMemoryState
 from titans.ops import current_weights
 
 F64 = torch.float64
@@ -55,6 +55,29 @@ def test_retrieve_reads_without_storing():
     first, st = layer.retrieve(probe[:, :2], state)
     second, _ = layer.retrieve(probe[:, 2:], st)
     assert torch.allclose(torch.cat([first, second], 1), read1, rtol=0, atol=1e-12)
+
+
+def test_signals_are_the_gates_and_the_surprise_gradient_norm():
+    layer = make_layer(max_grad_norm=0.5)
+    _, state = layer(torch.randn(2, 7, 16, dtype=F64))
+    probe = torch.randn(2, 5, 16, dtype=F64)
+    signals = layer.signals(probe, state)
+    by_head = lambda t: t.transpose(1, 2)  # noqa: E731  (B, T, heads) -> (B, heads, T)
+    assert torch.allclose(signals["theta"], layer.max_lr * by_head(torch.sigmoid(layer.to_lr(probe))))
+    assert torch.allclose(signals["eta"], by_head(torch.sigmoid(layer.to_momentum(probe))))
+    assert torch.allclose(signals["alpha"], by_head(torch.sigmoid(layer.to_decay(probe))))
+    # the surprise is the norm of the inner gradient at the weights the state holds, by autograd token by token
+    scratch = NeuralMemoryState(state.memory, dict(state.conv))
+    k, v = (layer._project(probe, name, scratch, name) for name in ("k", "v"))
+    weights = current_weights(layer.memory, state.memory, layer.max_grad_norm, layer.normalize_chunk_lr)
+    for t in range(5):
+        grads = torch.func.grad(lambda w: ((layer.memory(w, k[:, t:t + 1]) - v[:, t:t + 1]) ** 2).sum())(weights)
+        norms = sum(g.flatten(1).square().sum(1) for g in grads.values()).sqrt()
+        assert torch.allclose(signals["surprise"].reshape(-1, 5)[:, t], norms)
+    assert torch.allclose(signals["clip"], (0.5 / signals["surprise"]).clamp(max=1))
+    assert (signals["clip"] < 1).any()
+    again = layer.signals(probe, state)  # the state was not advanced
+    assert all(torch.equal(again[name], signals[name]) for name in signals)
 
 
 def test_gradients_reach_every_parameter():

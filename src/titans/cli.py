@@ -188,12 +188,14 @@ def _inspect(args: argparse.Namespace) -> int:
                                      "tokens": len(ids), "segment_len": segment_len,
                                      "records": inspection.records_as_dicts(records)})
     print(f"{run.name}: {len(ids)} tokens of {source}, segments of {segment_len}")
-    print(f"  {'segment':>7} {'layer':>5} {'tokens':>6} {'|dW|/|W|':>9} {'loss before':>12} {'loss after':>11}")
+    print(f"  {'segment':>7} {'layer':>5} {'tokens':>6} {'|dW|/|W|':>9} {'loss before':>12} {'loss after':>11} "
+          f"{'theta':>7} {'eta':>6} {'alpha':>8} {'surprise':>9} {'clip':>5}")
     for r in records:
         print(f"  {r.segment:>7} {r.layer:>5} {r.tokens:>6} {r.weight_change:>9.4f} {r.inner_loss_before:>12.4f} "
-              f"{r.inner_loss_after:>11.4f}")
-    print(f"  inner loss ||M(k) - v||^2 on each segment, before and after the memory stored it -> {plot} and "
-          f"{out / 'memory.json'}")
+              f"{r.inner_loss_after:>11.4f} {r.mean('theta'):>7.4f} {r.mean('eta'):>6.3f} {r.mean('alpha'):>8.2e} "
+              f"{r.mean('surprise'):>9.4f} {r.mean('clip'):>5.2f}")
+    print(f"  inner loss ||M(k) - v||^2 on each segment, before and after the memory stored it; gates and surprise "
+          f"averaged over heads and tokens (per token and head in the JSON) -> {plot} and {out / 'memory.json'}")
     return 0
 
 

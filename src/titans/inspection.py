@@ -1,14 +1,17 @@
 """What the neural memory learns at test time (paper Section 3.1).
 
 A sequence is fed segment by segment through the model state. For every memory layer and segment this records how
-far the memory weights moved while reading the segment, ``||W_after - W_before|| / ||W_before||``, and the inner
+far the memory weights moved while reading the segment, ``||W_after - W_before|| / max(||W_before||, ||W_after||)``,
+and the inner
 associative loss of Eq. 12, ``||M(k) - v||^2`` averaged over the segment's tokens and heads, with the weights before
 and after the segment was stored. A memory that learns at test time shows a lower loss after than before.
+Per token and head it also traces what drives the update (`NeuralMemory.signals`): the step size theta, momentum eta,
+forgetting alpha, the surprise ||grad l|| at the segment-start weights and the clipping factor.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +34,12 @@ class SegmentRecord:
     weight_change: float
     inner_loss_before: float
     inner_loss_after: float
+    # per head, per token of the segment: theta, eta, alpha, surprise, clip (see NeuralMemory.signals)
+    signals: dict[str, list[list[float]]] = field(default_factory=dict)
+
+    def mean(self, signal: str) -> float:
+        values = [v for head in self.signals[signal] for v in head]
+        return sum(values) / max(1, len(values))
 
 
 def memory_layers(model: TitansLM) -> list[tuple[int, NeuralMemory]]:
@@ -88,23 +97,26 @@ def inspect_memory(model: TitansLM, tokens: Tensor, segment_len: int) -> list[Se
 
 def _segment_record(memory: NeuralMemory, calls: list, segment: int, layer: int) -> SegmentRecord:
     """One record from the memory's forward calls during a segment, each (input, state before, state after)."""
-    keys, values = [], []
+    keys, values, signals = [], [], []
     for x, state_in, _ in calls:
         scratch = NeuralMemoryState(state_in.memory, dict(state_in.conv))  # _project advances the conv tails
         keys.append(memory._project(x, "k", scratch, "k"))
         values.append(memory._project(x, "v", scratch, "v"))
+        signals.append(memory.signals(x, state_in))
     before = current_weights(memory.memory, calls[0][1].memory, memory.max_grad_norm, memory.normalize_chunk_lr)
     after = current_weights(memory.memory, calls[-1][2].memory, memory.max_grad_norm, memory.normalize_chunk_lr)
     k, v = torch.cat(keys, dim=1), torch.cat(values, dim=1)
-    change = _norm({n: after[n] - before[n] for n in before}) / _norm(before)
+    scale = torch.maximum(_norm(before), _norm(after)).clamp(min=torch.finfo(torch.float64).tiny)
+    change = _norm({n: after[n] - before[n] for n in before}) / scale  # relative to the larger: M_0 may be 0
+    traces = {name: torch.cat([s[name][0] for s in signals], dim=-1).tolist() for name in signals[0]}
     return SegmentRecord(segment, layer, k.shape[1], float(change), _inner_loss(memory, before, k, v),
-                         _inner_loss(memory, after, k, v))
+                         _inner_loss(memory, after, k, v), traces)
 
 
 def plot_inspection(records: list[SegmentRecord], path: str | Path, title: str) -> Figure:
     """Inner loss before/after each segment and the relative weight change, one line per memory layer."""
-    fig = Figure(figsize=(11, 4.2))
-    loss_ax, change_ax = fig.subplots(1, 2)
+    fig = Figure(figsize=(16, 4.2))
+    loss_ax, change_ax, signal_ax = fig.subplots(1, 3)
     for layer in sorted({r.layer for r in records}):
         rows = [r for r in records if r.layer == layer]
         segments = [r.segment for r in rows]
@@ -112,9 +124,13 @@ def plot_inspection(records: list[SegmentRecord], path: str | Path, title: str) 
         loss_ax.plot(segments, [r.inner_loss_after for r in rows], marker="o", linestyle="--", color=line.get_color(),
                      label=f"layer {layer} after")
         change_ax.plot(segments, [r.weight_change for r in rows], marker="o", label=f"layer {layer}")
+        for signal, style in (("theta", "-"), ("eta", "--"), ("alpha", ":")):
+            signal_ax.plot(segments, [r.mean(signal) for r in rows], marker="o", linestyle=style,
+                           color=line.get_color(), label=f"layer {layer} {signal}")
     loss_ax.set(xlabel="segment", ylabel="inner loss ||M(k) - v||^2", title="before vs after storing the segment")
     change_ax.set(xlabel="segment", ylabel="||dW|| / ||W||", title="memory weight change per segment")
-    for ax in (loss_ax, change_ax):
+    signal_ax.set(xlabel="segment", ylabel="mean over heads and tokens", title="step size, momentum, forgetting")
+    for ax in (loss_ax, change_ax, signal_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .ops import MemoryState, MLPMemory, current_weights, memory_scan
+from .ops import MemoryState, MLPMemory, current_weights, memory_scan, surprise_norms
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -183,6 +183,25 @@ class NeuralMemory(nn.Module):
                 cast(gates[2]), self.chunk_size, state=state.memory, max_grad_norm=self.max_grad_norm,
                 normalize_chunk_lr=self.normalize_chunk_lr, checkpoint_chunks=self.checkpoint_chunks)
         return self._output(retrieved, x), state
+
+    def signals(self, x: Tensor, state: NeuralMemoryState | None = None) -> dict[str, Tensor]:
+        """What the memory would do with x, per head and token, each (B, heads, T): the step size `theta`, momentum
+        `eta` and forgetting `alpha` (0 where switched off), the surprise ||grad l(W; k_t, v_t)||
+        at the weights the state holds now (`surprise`) and the factor surprise clipping applies to it (`clip`, 1
+        when off). The state is not advanced. The signals that show a memory that cannot learn: theta too small to
+        overwrite, eta saturated at 1 (momentum as an accumulator), alpha wiping the memory, clipping on every token."""
+        dtype, state = self._begin(x, state)
+        k, v = (self._project(x, name, state, name).to(dtype) for name in ("k", "v"))
+        gates = [self._gate(linear, x) for linear in (self.to_lr, self.to_momentum, self.to_decay)]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            weights = current_weights(self.memory, state.memory, self.max_grad_norm, self.normalize_chunk_lr)
+            surprise = surprise_norms(self.memory, weights, k, v)
+        clip = torch.ones_like(surprise) if self.max_grad_norm is None else \
+            (self.max_grad_norm / surprise.clamp(min=torch.finfo(surprise.dtype).tiny)).clamp(max=1)
+        zero = torch.zeros_like(surprise)
+        by_head = dict(theta=self.max_lr * gates[0], eta=zero if gates[1] is None else gates[1],
+                       alpha=zero if gates[2] is None else gates[2], surprise=surprise, clip=clip)
+        return {name: t.reshape(x.shape[0], self.heads, x.shape[1]) for name, t in by_head.items()}
 
     def retrieve(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
         """Read the memory with queries from x without storing anything (M* in the paper). Only the read path's

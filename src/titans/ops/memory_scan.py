@@ -399,6 +399,13 @@ def current_weights(memory_fn: MemoryFn, state: MemoryState, max_grad_norm: floa
     return advanced.weights
 
 
+def surprise_norms(memory_fn: MemoryFn, weights: Params, keys: Tensor, values: Tensor) -> Tensor:
+    """||grad_W l(W; k_t, v_t)|| for every token (BH, T): the momentary surprise of Eq. 8 at the weights W."""
+    if isinstance(memory_fn, MLPMemory):
+        return _squared_gradient_norms(*_inner_gradient_factors(memory_fn, weights, keys, values)).sqrt()
+    return sum(g.flatten(2).square().sum(-1) for g in _per_token_grads(memory_fn, weights, keys, values).values()).sqrt()
+
+
 def memory_retrieve(memory_fn: MemoryFn, state: MemoryState, queries: Tensor,
                     max_grad_norm: float | None = None) -> Tensor:
     """y = f(W_t, q) for every query with the current weights: a read that stores nothing (M* in the paper)."""
