@@ -122,6 +122,21 @@ def test_untrained_memory_stays_alive_over_100k_tokens(depth):
     assert (ratio < 10).all() and (ratio > 0.1).all(), f"read and weight sizes at 100K / at 1K: {ratio.tolist()}"
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk", [1, 16, 64])
+def test_largest_step_is_stable_at_any_chunk_size(depth, chunk):
+    """theta at its bound from the start: the chunk-normalised step keeps the memory bounded whatever the chunk size
+    (without normalize_chunk_lr, depth 1 diverges at chunk 64 and depth 2 at chunk 16)."""
+    torch.manual_seed(0)
+    layer = NeuralMemory(dim=64, heads=2, memory_depth=depth, chunk_size=chunk, init_lr=0.49)
+    state = None
+    with torch.no_grad():
+        for _ in range(4):
+            y, state = layer(torch.randn(1, 2048, 64), state)
+    assert torch.isfinite(y).all()
+    assert max(w.abs().max() for w in state.memory.weights.values()) < 5
+
+
 def test_state_is_fp32_under_autocast_and_output_keeps_input_dtype():
     torch.manual_seed(0)
     layer = NeuralMemory(dim=16, heads=2, chunk_size=4)

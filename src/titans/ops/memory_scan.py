@@ -154,13 +154,18 @@ def _clip_scale(squared_norms: Tensor, max_norm: float) -> Tensor:
 # --------------------------------------------------------------------------------------------- MLP fast path
 
 
-def causal_key_overlap(keys: Tensor) -> Tensor:
-    """rho_j = sum_{i <= j in the chunk} |cos(k_i, k_j)| >= 1 for keys (BH, C, d): how many earlier tokens of its
-    chunk token j's step piles onto. Chunked steps are all taken at the chunk-start weights, so with correlated keys
-    they add up; theta_j / rho_j bounds the chunk's summed step the way one token's step is bounded (a causal
-    Gershgorin bound on the chunk's key Gram matrix). Equal to 1 at chunk size 1 and for orthogonal keys."""
-    unit = torch.nn.functional.normalize(keys, dim=-1)
-    return (unit @ unit.transpose(-1, -2)).abs().tril().sum(-1).clamp(min=1)
+def causal_overlap(inputs: list[Tensor]) -> Tensor:
+    """rho_j = max over the memory's layers l of sum_{i <= j in the chunk} |cos(z_li, z_lj)| >= 1, for the layer
+    inputs z_l (BH, C, d_l) at the chunk-start weights (the keys, then each hidden layer's activations; the keys alone
+    for a memory that is not an MLPMemory). Chunked steps are all taken at the chunk-start weights, so with correlated
+    inputs they add up; theta_j / rho_j bounds the chunk's summed step the way one token's step is bounded (a causal
+    Gershgorin bound on each layer's Gram matrix). Equal to 1 at chunk size 1 and for orthogonal inputs."""
+    rho = None
+    for z in inputs:
+        unit = torch.nn.functional.normalize(z, dim=-1)
+        row = (unit @ unit.transpose(-1, -2)).abs().tril().sum(-1)
+        rho = row if rho is None else torch.maximum(rho, row)
+    return rho.clamp(min=1)
 
 
 def _inner_gradient_factors(memory: MLPMemory, W: Params, keys: Tensor, values: Tensor):
@@ -282,10 +287,10 @@ def _chunk_step(memory_fn: MemoryFn, W: Params, S: Params, keys: Tensor, values:
                 products: GateProducts, max_grad_norm: float | None, complete: bool,
                 normalize_chunk_lr: bool) -> tuple[Tensor, Params, Params]:
     """One chunk: the retrievals of its tokens and, if the chunk is complete, W and S after it."""
-    if normalize_chunk_lr:
-        lr = lr / causal_key_overlap(keys)
     if isinstance(memory_fn, MLPMemory):
         inputs, deltas = _inner_gradient_factors(memory_fn, W, keys, values)
+        if normalize_chunk_lr:
+            lr = lr / causal_overlap(inputs)
         if max_grad_norm is not None:
             lr = lr * _clip_scale(_squared_gradient_norms(inputs, deltas), max_grad_norm)
         co = products.coefficients(lr)
@@ -294,6 +299,8 @@ def _chunk_step(memory_fn: MemoryFn, W: Params, S: Params, keys: Tensor, values:
             W, S = _advance(memory_fn, W, S, inputs, deltas, co.last_row())
         return y, W, S
     grads = _per_token_grads(memory_fn, W, keys, values)
+    if normalize_chunk_lr:
+        lr = lr / causal_overlap([keys])
     if max_grad_norm is not None:
         lr = lr * _clip_scale(sum(g.flatten(2).square().sum(-1) for g in grads.values()), max_grad_norm)
     co = products.coefficients(lr)

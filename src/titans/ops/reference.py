@@ -7,6 +7,18 @@ import torch
 from torch import Tensor
 
 from .memory_scan import MemoryFn, Params
+from .mlp_memory import MLPMemory
+
+
+def _layer_inputs(memory_fn: MemoryFn, weights: Params, key: Tensor) -> list[Tensor]:
+    """The inputs of each layer of an MLPMemory at `weights` for a key (BH, d): the key, then the hidden activations.
+    Just the key for any other memory function."""
+    if not isinstance(memory_fn, MLPMemory):
+        return [key]
+    inputs = [key]
+    for name in memory_fn.names[:-1]:
+        inputs.append(memory_fn.act.fn(torch.einsum("boi,bi->bo", weights[name], inputs[-1])))
+    return inputs
 
 
 def memory_scan_reference(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tensor, queries: Tensor,
@@ -26,10 +38,13 @@ def memory_scan_reference(memory_fn: MemoryFn, params: Params, keys: Tensor, val
             W_chunk = dict(W)  # Eq. 16: every token of the chunk takes its gradient at the chunk-start weights
         grads = torch.func.grad(inner_loss)(W_chunk, keys[:, t:t + 1], values[:, t:t + 1])
         theta = lr[:, t]
-        if normalize_chunk_lr:  # theta_t / sum over the chunk's tokens i <= t of |cos(k_i, k_t)|, at least 1
+        if normalize_chunk_lr:  # theta_t / max over layers of sum_{i <= t in the chunk} |cos(z_i, z_t)|, at least 1
             start = t - t % chunk_size
-            overlap = sum(torch.nn.functional.cosine_similarity(keys[:, i], keys[:, t], dim=-1, eps=1e-12).abs()
-                          for i in range(start, t + 1))
+            layer_inputs = [_layer_inputs(memory_fn, W_chunk, keys[:, i]) for i in range(start, t + 1)]
+            overlap = torch.stack([
+                sum(torch.nn.functional.cosine_similarity(z_i[layer], layer_inputs[-1][layer], dim=-1, eps=1e-12).abs()
+                    for z_i in layer_inputs)
+                for layer in range(len(layer_inputs[-1]))]).amax(0)
             theta = theta / overlap.clamp(min=1)
         if max_grad_norm is not None:  # per-token clipping of the whole surprise gradient
             norm = sum(g.flatten(1).square().sum(1) for g in grads.values()).sqrt()
