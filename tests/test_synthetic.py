@@ -11,6 +11,7 @@ from titans.data.synthetic import (
     PatternTask,
     RecallTask,
     SyntheticDataset,
+    example_rng,
     make_task,
     masked_accuracy,
     masked_cross_entropy,
@@ -122,6 +123,28 @@ def test_recall_power_law_puts_queries_near_the_pairs():
         return torch.cat([ex["loss_mask"].nonzero().flatten() for ex in SyntheticDataset(task, 200)]).float().mean()
 
     assert mean_query_offset(0.01) < mean_query_offset(1.0) - 20  # uniform gaps average far later
+
+
+def test_recall_distance_on_a_hand_computed_example():
+    """Keys 4, 7, 5 at input positions 0, 2, 4; 7 is queried at 8, 5 at 10 and 4 at 14: distances 6, 6 and 14."""
+    task = RecallTask(vocab_size=16, seq_len=16, num_kv_pairs=3, random_non_queries=False)
+    ex = task.generate(example_rng(0, 0))
+    assert ex["inputs"].tolist() == [4, 15, 7, 14, 5, 8, 0, 0, 7, 0, 5, 0, 0, 0, 4, 0]  # the tokens are unchanged
+    assert ex["targets"][ex["loss_mask"]].tolist() == [14, 8, 15]
+    expected = [-1] * 16
+    expected[8], expected[10], expected[14] = 6, 6, 14
+    assert ex["distance"].dtype == torch.int64 and ex["distance"].tolist() == expected
+
+
+def test_recall_distance_points_at_the_key():
+    task = RecallTask(vocab_size=256, seq_len=256, num_kv_pairs=32)
+    for ex in SyntheticDataset(task, 20, seed=1):
+        inputs, targets, mask, distance = ex["inputs"], ex["targets"], ex["loss_mask"], ex["distance"]
+        assert torch.equal(distance >= 0, mask)  # -1 exactly on the unscored positions
+        queries = mask.nonzero().flatten()
+        keys = queries - distance[queries]
+        assert (keys % 2 == 0).all() and (keys < 64).all()  # a key slot of the opening pairs
+        assert torch.equal(inputs[keys], inputs[queries]) and torch.equal(inputs[keys + 1], targets[queries])
 
 
 def test_random_filler_keeps_queries_and_answers():

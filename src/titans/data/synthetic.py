@@ -7,7 +7,8 @@ Every task produces examples in one format, a dict of three tensors of length ``
   stream's final token at ``t = T - 1``) everywhere except where a task says otherwise (MQAR's answers);
 * ``loss_mask``: bool, the positions whose targets are scored by the loss and the accuracy.
 
-A task may add metadata (the needle task adds the scalar ``needle_position``).
+A task may add metadata (the needle task adds the scalar ``needle_position``, the recall task the per-position
+key-query ``distance``).
 
 :class:`SyntheticDataset` is a map-style ``torch.utils.data.Dataset`` whose item ``i`` depends only on
 ``(seed, i)``, so it is reproducible, order-independent and safe with any number of workers.
@@ -212,6 +213,11 @@ class RecallTask(SyntheticTask):
     queried once more later, at an even offset drawn from the power law ``p(g) ~ g ** (power_a - 1)``
     (small ``power_a`` puts queries near the pairs). The target at a query is its value; those are the
     only scored positions. Other slots hold 0, or random tokens with ``random_non_queries``.
+
+    Examples also carry ``distance`` (int64, length ``T``): at a query position ``q`` asking for the ``i``-th key
+    (input position ``2 i``), ``q - 2 i``, the key-query distance in tokens; ``-1`` at every unscored position. A model
+    that sees the tokens at distances ``0 .. W - 1`` (a sliding window of ``W``) sees the value (at ``2 i + 1``)
+    exactly when ``distance <= W``. It is bookkeeping only: the tokens drawn for a given ``rng`` are unchanged.
     """
 
     vocab_size: int = 64
@@ -253,6 +259,9 @@ class RecallTask(SyntheticTask):
             stream[filler] = rng.integers(0, self.vocab_size, size=int(filler.sum()))
         example = _from_stream(stream, np.isin(np.arange(self.seq_len), query_positions))
         example["targets"][query_positions] = torch.from_numpy(values.astype(np.int64))
+        distance = np.full(self.seq_len, -1, dtype=np.int64)
+        distance[query_positions] = query_positions - 2 * np.arange(n)  # key i sits at input position 2 i
+        example["distance"] = torch.from_numpy(distance)
         return example
 
 

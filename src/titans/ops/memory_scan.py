@@ -336,6 +336,8 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
         [0, 1], None: no forgetting): (BH, T).
     max_grad_norm: if set, each token's surprise gradient is scaled to norm <= max_grad_norm (a stabiliser that is
         not in the paper; None gives the paper's rule exactly).
+    normalize_chunk_lr: divide theta_t by `causal_overlap` of its chunk (theta_t stays data-dependent and causal;
+        nothing changes at chunk_size 1): one step-size bound then stays stable at any chunk size.
     checkpoint_chunks: activation checkpointing: with n > 0, backward recomputes each group of n chunks from its start
         state, so training holds the weights of every n-th chunk boundary only, instead of every chunk's
         intermediates (small chunks stay affordable). 0: off.
@@ -413,7 +415,7 @@ def surprise_norms(memory_fn: MemoryFn, weights: Params, keys: Tensor, values: T
     return sum(g.flatten(2).square().sum(-1) for g in _per_token_grads(memory_fn, weights, keys, values).values()).sqrt()
 
 
-def memory_retrieve(memory_fn: MemoryFn, state: MemoryState, queries: Tensor,
-                    max_grad_norm: float | None = None) -> Tensor:
+def memory_retrieve(memory_fn: MemoryFn, state: MemoryState, queries: Tensor, max_grad_norm: float | None = None,
+                    normalize_chunk_lr: bool = False) -> Tensor:
     """y = f(W_t, q) for every query with the current weights: a read that stores nothing (M* in the paper)."""
-    return memory_fn(current_weights(memory_fn, state, max_grad_norm), queries)
+    return memory_fn(current_weights(memory_fn, state, max_grad_norm, normalize_chunk_lr), queries)
