@@ -65,7 +65,8 @@ class NeuralMemory(nn.Module):
             init_lr, init_momentum, init_decay: the gates' values at initialisation.
         normalize_chunk_lr: divide each token's theta by how many earlier tokens of its chunk its gradient piles onto
             (see `memory_scan`), so that one max_lr is stable at any chunk size; exact at chunk size 1.
-        max_grad_norm: per-token bound on the norm of the surprise gradient (None: the paper's rule unclipped).
+        max_grad_norm: per-token bound on the norm of the surprise gradient (None: the paper's rule unclipped). The
+            default 100 is a divergence guard that normal tokens never reach (docs/memory.md).
         learn_initial_memory: M_0 is a parameter of the outer loop (True) or fixed (False).
         checkpoint_chunks: activation checkpointing in groups of this many memory chunks (0: off): less training
             memory for one more forward pass.
@@ -75,7 +76,7 @@ class NeuralMemory(nn.Module):
                  memory_expansion: float = 2.0, chunk_size: int = 64, activation: str = "silu",
                  memory_residual: bool = False, momentum: bool = True, forgetting: bool = True, use_conv: bool = True,
                  conv_kernel: int = 4, max_lr: float = 0.5, init_lr: float = 0.25, init_momentum: float = 0.1,
-                 init_decay: float = 1e-4, max_grad_norm: float | None = None, normalize_chunk_lr: bool = True,
+                 init_decay: float = 1e-4, max_grad_norm: float | None = 100.0, normalize_chunk_lr: bool = True,
                  learn_initial_memory: bool = True, checkpoint_chunks: int = 0):
         super().__init__()
         if dim < 1 or heads < 1:

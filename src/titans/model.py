@@ -56,7 +56,7 @@ class TitansConfig:
     init_momentum: float = 0.1  # eta at initialisation (0.5 doubles the effective step: a deep memory diverged)
     init_decay: float = 1e-4  # alpha at initialisation (1e-3 let deep memories decay to 0 over 100K tokens)
     normalize_chunk_lr: bool = True  # theta_j / (overlap of k_j with its chunk's earlier keys): stable at any chunk
-    max_grad_norm: float | None = None  # per-token surprise clipping (not in the paper); null: off
+    max_grad_norm: float | None = 100.0  # per-token surprise clipping (not in the paper): a divergence guard; null: off
     learn_initial_memory: bool = True  # M_0 (zero last layer) learned by the outer loop, or fixed
 
     def __post_init__(self) -> None:
