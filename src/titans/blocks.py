@@ -65,7 +65,7 @@ class AttentionMixer(nn.Module):
 
 
 class MemoryMixer(nn.Module):
-    """`lmm`: the neural memory alone (also the `deltanet` and `ttt` baselines, with other memory settings)."""
+    """`lmm`: the neural memory alone (Section 4.3), reading the persistent tokens first (Section 3.3)."""
 
     def __init__(self, memory: NeuralMemory, num_persistent: int = 0):
         super().__init__()

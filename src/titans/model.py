@@ -1,7 +1,8 @@
 """`TitansLM`: token embedding -> N pre-norm blocks (a sequence mixer, then SwiGLU) -> norm -> LM head.
 
 `config.variant` picks the mixer: the Titans architectures `mac`, `mag`, `mal`, `lmm` (paper Section 4) and the
-baselines `transformer`, `swa`, `deltanet`, `gated_deltanet`, `ttt`, all through the same blocks, streaming state and training code.
+baselines `transformer`, `swa`, `deltanet`, `gated_deltanet`, `ttt`, all through the same blocks, streaming state and
+training code.
 """
 
 from __future__ import annotations
