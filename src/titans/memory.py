@@ -3,8 +3,9 @@
 x -> q, k, v (linear, 1-D depthwise causal convolution, SiLU; q and k L2-normalised, per head) -> the memory op
 (store k -> v by gradient descent on ||M(k) - v||^2 with momentum and forgetting, read M(q)) -> per-head RMSNorm,
 gated by a linear map of x -> output projection. The step size theta, momentum eta and forgetting alpha are
-data-dependent: sigmoid-bounded linear functions of x, one per head and token. The initial memory weights M_0 are
-parameters, meta-learned by the outer loop; gradients of the training loss flow through every inner update.
+data-dependent: sigmoid-bounded linear functions of x, one per head and token. The initial memory M_0 has a zero
+last layer (an empty memory reads 0) and is meta-learned by the outer loop unless `learn_initial_memory=False`;
+gradients of the training loss flow through every inner update. Why each bound and initial value: docs/memory.md.
 """
 
 from __future__ import annotations
