@@ -41,16 +41,18 @@ sequence, can give), the answer loss and the accuracy in distance bins. The best
 with the highest mean accuracy over the test sets (Zoology reports the best of its sweep the same way; a diverged run
 counts -1); every run is kept in the JSON. With several seeds a cell is the mean over seeds and its min-max spread.
 
-Budget: a training step of the default mix costs about (CPU seconds, one thread, measured on a shared 2-core machine)
-mac 0.9, mal 0.8, lmm 0.7, mag 0.6, ttt 0.6, deltanet and gated_deltanet 0.25, transformer and swa 0.12: 4.3 s per
-step for all nine, 8.7 s with two lrs, so 350 steps and the evaluation take about 3,150 CPU seconds, ~26 minutes with
---jobs 2 on two otherwise idle cores (longer on a busy machine: the wall time of every run is in the JSON).
+Budget: a training step of the default mix costs (CPU seconds on one thread, measured in the default grid on a shared
+2-core machine) mag 0.86, mal 0.83, mac 0.80, lmm 0.64, ttt 0.54, gated_deltanet 0.28, deltanet 0.25, swa 0.15,
+transformer 0.14: 4.5 s per step for all nine variants, 9 s with two lrs. 350 steps took 3,140 CPU seconds of
+training and the tests ~290 s (wall, summed over runs): ~28 minutes with --jobs 2 on two otherwise idle cores. On a
+busy machine it is longer (it took 54 minutes while another benchmark shared the two cores); the wall and
+CPU seconds of every run are in the JSON.
 
 Outputs in --out (default runs/bench_mqar): results.json (configuration, machine, every run, the summary), results.md
 (the tables) and mqar.png (accuracy versus test length per variant, overall and beyond the window), each written
 atomically; results.json is rewritten after every run, so an interrupted grid can be finished with --resume. The
-script writes nothing else there and deletes nothing. An --out whose results.json holds another configuration or was
-not written by this benchmark is refused unless --force.
+script writes nothing else there and deletes nothing. An --out that already holds results is refused unless --resume
+(same configuration: reuse its finished runs) or --force (start over).
 """
 
 from __future__ import annotations
@@ -320,7 +322,8 @@ def failures(statuses: list[str]) -> str:
     return ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
 
 
-def markdown(rows: list[dict], cfg: dict, wall_seconds: float | None = None, jobs: int = 1) -> str:
+def markdown(rows: list[dict], cfg: dict, wall_seconds: float | None = None, jobs: int = 1,
+             runs: list[dict] | None = None) -> str:
     w = cfg["window"]
     keys = test_keys(cfg)
     train = ", ".join(f"{b} x ({n}, {p})" for n, p, b in cfg["train"])
@@ -369,8 +372,12 @@ def markdown(rows: list[dict], cfg: dict, wall_seconds: float | None = None, job
             cells.append(text)
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     if wall_seconds is not None:
-        lines += ["", f"Total wall time {wall_seconds:.0f} s ({jobs} jobs x {cfg['threads']} threads, "
+        lines += ["", f"Wall time of this invocation {wall_seconds:.0f} s ({jobs} jobs x {cfg['threads']} threads, "
                   f"{cfg['device']}, torch {torch.__version__})."]
+    if runs:
+        lines[-1] += (f" The {len(runs)} runs took {sum(r['train_seconds'] for r in runs):.0f} s of training "
+                      f"({sum(r['train_cpu_seconds'] for r in runs):.0f} CPU s) and "
+                      f"{sum(r['eval_seconds'] for r in runs):.0f} s of testing, wall time summed over runs.")
     return "\n".join(lines) + "\n"
 
 
@@ -380,7 +387,7 @@ def plot(rows: list[dict], cfg: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     keys = test_keys(cfg)
-    fig = Figure(figsize=(12, 4.5))
+    fig = Figure(figsize=(13, 4.5), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     markers = "osD^v<>ph*"
     for i, row in enumerate(rows):
@@ -401,8 +408,9 @@ def plot(rows: list[dict], cfg: dict, path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy")
-    if axes[0].lines:
-        axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:  # beside the panels, where it hides no line
+        fig.legend(handles, labels, loc="outside right center", fontsize=8)
     fig.suptitle(f"MQAR, vocabulary {cfg['vocab']}, ~{cfg['params']:,} parameters, {cfg['steps']} steps")
     FigureCanvasAgg(fig)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
@@ -438,14 +446,17 @@ def previous_runs(out: Path, cfg: dict, force: bool, resume: bool) -> list[dict]
             return []
         raise ValueError(f"{path} was not written by this benchmark; pass --force to overwrite it or choose another "
                          f"--out")
-    if data.get("config") != cfg:
-        if force:
-            return []
+    if data.get("config") != cfg and not force:
         changed = sorted(k for k in set(cfg) | set(data.get("config", {}))
                          if cfg.get(k) != data.get("config", {}).get(k))
         raise ValueError(f"{path} holds results of another configuration (differs in: {', '.join(changed)}); pass "
                          f"--force to overwrite them or choose another --out")
-    return data.get("runs", []) if resume else []
+    if force:
+        return []
+    if not resume:
+        raise ValueError(f"{path} already holds results of this configuration; pass --resume to reuse its finished "
+                         f"runs, --force to start over, or choose another --out")
+    return data.get("runs", [])
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -477,8 +488,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", type=Path, default=Path("runs/bench_mqar"))
-    p.add_argument("--force", action="store_true", help="overwrite the outputs of another configuration in --out")
-    p.add_argument("--resume", action="store_true", help="reuse the finished runs of results.json in --out")
+    p.add_argument("--force", action="store_true",
+                   help="start over: overwrite the three outputs in --out, whatever wrote them")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the finished runs of results.json in --out (same configuration)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: transformer and lmm (unless --variants), 4 steps, short sets, 16 test samples")
     args = p.parse_args(argv)
@@ -578,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     key = {v: i for i, v in enumerate(args.variants)}
     runs.sort(key=lambda r: (key[r["variant"]], r["lr"], r["seed"]))
     rows = summarize(runs, cfg)
-    table = markdown(rows, cfg, wall, args.jobs)
+    table = markdown(rows, cfg, wall, args.jobs, runs)
     write_json(args.out / "results.json", {**header, "complete": True, "wall_seconds": round(wall, 1),
                                            "summary": rows, "runs": runs})
     atomic_write(args.out / "results.md", table.encode())

@@ -61,6 +61,8 @@ def test_out_of_another_configuration_is_refused_and_resume_reuses_runs(tmp_path
     err = capsys.readouterr().err
     assert "another configuration" in err and "steps" in err and len(err.strip().splitlines()) == 1
     assert json.loads((out / "results.json").read_text()) == first  # untouched
+    assert bench.main(args) == 2  # the same configuration again: --resume or --force, never a silent overwrite
+    assert "--resume" in capsys.readouterr().err
     assert bench.main([*args, "--resume"]) == 0
     assert "0 runs to train (1 reused)" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["runs"] == first["runs"]
