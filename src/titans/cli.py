@@ -18,6 +18,7 @@ import torch
 
 from titans.checkpoint import CheckpointError
 from titans.config import ConfigError, RunConfig, apply_overrides, from_dict, load_yaml, to_dict
+from titans.data.registry import DownloadError
 
 __all__ = ["main", "build_parser", "load_config"]
 
@@ -393,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"titans: {exc}", file=sys.stderr)
         return 1
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (ConfigError, CheckpointError, DownloadError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"titans: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

