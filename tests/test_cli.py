@@ -189,3 +189,37 @@ def test_every_size_has_every_variant():
     assert {p.stem for p in CONFIGS.glob("synthetic/*.yaml")} == {"copy", "pattern", "needle", "recall"}
     for size in TARGETS:
         assert {p.stem for p in (CONFIGS / "lm" / size).glob("*.yaml")} == set(VARIANTS)
+
+
+# ---------------------------------------------------------------------------- run names and one writer per run
+@pytest.mark.parametrize("name", ["../escaped", "ABSOLUTE", "''", "a/b", "..", ".", "' '", "a\\\\b"])
+def test_run_names_are_plain_directory_names(tmp_path, capsys, config_file, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    name = name.replace("ABSOLUTE", str(tmp_path / "escaped"))
+    code, _, err = run(capsys, "train", config_file, "--set", f"name={name}", "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and "'name' must be a plain directory name" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
+
+
+@pytest.mark.parametrize("flag", ["--run-dir", "--resume"])
+def test_empty_run_directory_flags_are_refused(tmp_path, capsys, config_file, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "train", config_file, flag, "", "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and f"{flag}: give a directory" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]
+
+
+def test_a_second_writer_is_refused(tmp_path, capsys, config_file):
+    from titans.fileio import exclusive_lock
+    from titans.train import LOCK_FILE
+
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", config_file, "--run-dir", run_dir, "--stop-at", "2", "--no-progress")[0] == 0
+    before = snapshot(run_dir)
+    with exclusive_lock(run_dir / LOCK_FILE, "held by the test"):  # as a first `train --resume` still running
+        for args in (["train", "--resume", run_dir, "--no-progress"],
+                     ["train", config_file, "--run-dir", run_dir, "--no-progress"]):
+            code, _, err = run(capsys, *args)
+            assert code == 2 and err.count("\n") == 1 and "in use by another titans process" in err, err
+    assert snapshot(run_dir) == before
+    assert run(capsys, "train", "--resume", run_dir, "--no-progress")[0] == 0  # released when the holder ends

@@ -19,6 +19,7 @@ import torch
 from titans.checkpoint import CheckpointError
 from titans.config import ConfigError, RunConfig, apply_overrides, from_dict, load_yaml, to_dict
 from titans.data.registry import DownloadError
+from titans.fileio import LockedError
 
 __all__ = ["main", "build_parser", "load_config"]
 
@@ -46,6 +47,9 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.config is None and args.resume is None:
         raise ConfigError("give a CONFIG file, or --resume RUN_DIR")
+    for flag, value in (("--run-dir", args.run_dir), ("--resume", args.resume)):
+        if value is not None and not value.strip():
+            raise ConfigError(f"{flag}: give a directory, got {value!r}")
     if args.resume is not None and args.run_dir is not None and Path(args.resume) != Path(args.run_dir):
         raise ConfigError("--resume RUN_DIR already names the run directory; drop --run-dir")
     if args.resume is not None:
@@ -394,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"titans: {exc}", file=sys.stderr)
         return 1
-    except (ConfigError, CheckpointError, DownloadError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (ConfigError, CheckpointError, DownloadError, LockedError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"titans: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -217,7 +217,13 @@ class RunConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     """Evaluation settings."""
     name: str = "run"
-    """Run name, used for the run directory."""
+    """Run name, used for the run directory ``runs/<name>``: a plain directory name."""
+
+    def __post_init__(self) -> None:
+        plain = self.name.strip() == self.name != "" and self.name not in (".", "..") and not any(
+            c in self.name for c in "/\\\0")
+        _check(plain, "name", "must be a plain directory name (not empty, no path separators, not '.' or '..')",
+               self.name)
 
 
 class _FieldError(ConfigError):

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
 TMP_PREFIX = ".tmp-"
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -49,3 +55,25 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, held_message: str) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if absent) or raise `LockedError(held_message)` at once. The
+    operating system releases the lock when the holder exits, even when killed, so no stale lock is ever left. The
+    file is never deleted (deleting a lock file lets two holders lock different files). No-op where `fcntl` is
+    unavailable (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(held_message) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock

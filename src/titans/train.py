@@ -11,6 +11,7 @@ global batch and rank 0 alone writes the run directory::
     run_dir/checkpoints/         model, optimizer, scheduler, RNG and data position (keep-last-N)
     run_dir/loss.png             loss curves
     run_dir/summary.json         the final numbers
+    run_dir/.lock                held (flock) by the one process writing the run: a second writer is refused
 
 Resuming from the latest checkpoint is exact: on CPU a run that was interrupted and resumed ends with bitwise the
 same weights and loss curve as the run left alone.
@@ -45,15 +46,17 @@ from titans.checkpoint import (
 )
 from titans.config import ConfigError, RunConfig, load_yaml, save_yaml, to_dict
 from titans.distributed import DistInfo, barrier, cleanup, init_distributed
+from titans.fileio import exclusive_lock
 from titans.metrics import MetricsLogger, read_metrics
 from titans.model import TitansLM, TitansState
 from titans.optim import build_optimizer, build_scheduler
 from titans.plots import plot_loss_curves
 from titans.scoring import Scores, masked_loss_sum, score_batch
 
-__all__ = ["TrainingError", "SegmentLoss", "autocast_for", "train", "CONFIG_FILE", "SUMMARY_FILE"]
+__all__ = ["TrainingError", "SegmentLoss", "autocast_for", "train", "CONFIG_FILE", "SUMMARY_FILE", "LOCK_FILE"]
 
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".lock"
 SUMMARY_FILE = "summary.json"
 LOSS_PLOT = "loss.png"
 
@@ -268,7 +271,21 @@ class _Trainer:
         return result
 
     # -------------------------------------------------------------------------------------- the loop
+    def _lock(self, resume: bool) -> contextlib.AbstractContextManager:
+        """One writer per run directory: rank 0 holds its lock from the first check to the summary."""
+        if not self.info.is_main:
+            return contextlib.nullcontext()
+        if resume and not self.run_dir.is_dir():
+            raise FileNotFoundError(f"{self.run_dir}: no run to resume")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return exclusive_lock(self.run_dir / LOCK_FILE, f"{self.run_dir} is in use by another titans process (a "
+                                                        "train or --resume still running); wait for it to end")
+
     def run(self, resume: bool, stop_at: int | None) -> dict:
+        with self._lock(resume):
+            return self._run(resume, stop_at)
+
+    def _run(self, resume: bool, stop_at: int | None) -> dict:
         cfg = self.config.train
         start_checkpoint = self._prepare_run_dir(resume)
         if start_checkpoint is not None:
