@@ -242,7 +242,21 @@ def _bad_header_with_matching_hash(ckpt):
     (ckpt / "model.safetensors").write_bytes(bad)
     meta = json.loads((ckpt / "checkpoint.json").read_text())
     meta["files"]["model.safetensors"] = {"bytes": len(bad), "sha256": hashlib.sha256(bad).hexdigest()}
+    _write_meta_with_its_hash(ckpt, meta)
+
+
+def _write_meta_with_its_hash(ckpt, meta):
+    """Rewrite checkpoint.json as a careful forger would: with its own hash recomputed."""
+    from titans.checkpoint import _meta_digest
+
+    meta["meta_sha256"] = _meta_digest(meta)
     (ckpt / "checkpoint.json").write_text(json.dumps(meta))
+
+
+def _change_step(ckpt):
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    meta["step"] = 5
+    (ckpt / "checkpoint.json").write_text(json.dumps(meta, indent=1))
 
 
 @pytest.mark.parametrize(
@@ -254,6 +268,7 @@ def _bad_header_with_matching_hash(ckpt):
         (lambda c: (c / "checkpoint.json").unlink(), "checkpoint.json", "missing file"),
         (lambda c: _truncate(c / "checkpoint.json"), "checkpoint.json", "corrupt or truncated JSON"),
         (_bad_header_with_matching_hash, "model.safetensors", "not a valid safetensors file"),
+        (_change_step, "checkpoint.json", "sha256 mismatch"),
     ],
 )
 def test_corrupt_checkpoint_raises_and_touches_nothing(tmp_path, corrupt, file, message):
@@ -305,3 +320,37 @@ def test_atomic_write_replaces_or_leaves_original(tmp_path):
         atomic_write(path, "not bytes")
     assert path.read_bytes() == b"second"
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_pruning_killed_midway_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    import titans.checkpoint as checkpoint_module
+
+    model, opt, sched = make_run(0)
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, opt, sched, keep_last=2)
+    real_rmtree = checkpoint_module.shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        (path / "model.safetensors").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 3, model, opt, sched, keep_last=2)
+    monkeypatch.setattr(checkpoint_module.shutil, "rmtree", real_rmtree)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000002", "ckpt-000003"]
+    for path in list_checkpoints(tmp_path):
+        load_checkpoint(path, make_run(1)[0])  # every checkpoint under its real name is complete
+    save_checkpoint(tmp_path, 4, model, opt, sched, keep_last=2)
+    assert sorted(p.name for p in checkpoint_root(tmp_path).iterdir()) == ["ckpt-000003", "ckpt-000004", "latest"]
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    model, opt, sched = make_run(0)
+    save_checkpoint(tmp_path, 1, model, opt, sched)
+    before = snapshot(tmp_path)
+    with torch.no_grad():
+        model.body[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values in body\.0\.weight"):
+        save_checkpoint(tmp_path, 2, model, opt, sched)
+    assert snapshot(tmp_path) == before

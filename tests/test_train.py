@@ -207,6 +207,30 @@ def test_non_finite_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypat
     assert [r["step"] for r in read_metrics(run_dir) if "train/loss" in r] == [1, 2]
 
 
+def test_non_finite_weights_stop_before_the_save_and_name_the_last_finite_checkpoint(tmp_path, monkeypatch):
+    """Step 4's loss is finite but its update makes a weight NaN: that checkpoint must not be written."""
+    real = train_module.build_optimizer
+
+    def poisoned(model, config):
+        optimizer, count = real(model, config), {"n": 0}
+
+        def after_step(*_):
+            count["n"] += 1
+            if count["n"] == 4:
+                with torch.no_grad():
+                    next(model.parameters()).view(-1)[0] = float("nan")
+
+        optimizer.register_step_post_hook(after_step)
+        return optimizer
+
+    monkeypatch.setattr(train_module, "build_optimizer", poisoned)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingError, match="non-finite weights .* after step 4; .*last good checkpoint is "
+                                            ".*ckpt-000002"):
+        train(tiny(), run_dir, progress=False)
+    assert latest_checkpoint(run_dir).name == "ckpt-000002"
+
+
 # ------------------------------------------------------------------------------------------------ run dir
 def test_run_directory(tmp_path):
     summary = train(tiny(train={"keep_last": 2}), tmp_path / "run", progress=False)

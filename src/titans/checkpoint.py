@@ -5,10 +5,12 @@ Layout of a run directory::
     run_dir/checkpoints/ckpt-000123/model.safetensors   model state dict
                                     state.safetensors   tensors of the optimizer, scheduler and extra state
                                     checkpoint.json     step, non-tensor state, RNG states, sha256 of both files
+                                                        and of itself (``meta_sha256``)
     run_dir/checkpoints/latest                          name of the newest complete checkpoint
 
 A checkpoint is written into a temporary directory, fsynced and renamed into place, then ``latest``
-is replaced atomically, so a run killed at any moment leaves only complete checkpoints behind.
+is replaced atomically, so a run killed at any moment leaves only complete checkpoints behind; an old checkpoint is
+renamed to a temporary name before it is deleted. Non-finite model weights are never saved.
 Loading reads nothing but safetensors and JSON (no pickle) and verifies sizes and hashes before
 any object is modified.
 """
@@ -16,12 +18,14 @@ any object is modified.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "non_finite_tensors",
     "resolve_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
@@ -230,6 +235,18 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def _meta_digest(meta: dict) -> str:
+    """sha256 of checkpoint.json's content without its own ``meta_sha256`` field (canonical JSON)."""
+    content = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` holding a NaN or an infinity."""
+    return [name for name, t in state.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 # ----------------------------------------------------------------------------------------------
 # Save.
 
@@ -254,6 +271,10 @@ def save_checkpoint(
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    state = model.state_dict()
+    if bad := non_finite_tensors(state):
+        raise ValueError(f"not saving checkpoint step {step}: non-finite values in {', '.join(bad[:3])}"
+                         + (f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""))
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f"{TMP_PREFIX}*"):  # left behind by a run killed while saving
@@ -262,7 +283,7 @@ def save_checkpoint(
     name = f"ckpt-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=root))
     try:
-        model_tensors, model_aliases = _to_storable(model.state_dict())
+        model_tensors, model_aliases = _to_storable(state)
         state_tensors: dict[str, torch.Tensor] = {}
         meta = {
             "format_version": FORMAT_VERSION,
@@ -278,6 +299,7 @@ def save_checkpoint(
             MODEL_FILE: _write_safetensors(tmp / MODEL_FILE, model_tensors),
             STATE_FILE: _write_safetensors(tmp / STATE_FILE, state_tensors),
         }
+        meta["meta_sha256"] = _meta_digest(meta)
         (tmp / META_FILE).write_bytes(json.dumps(meta, indent=1).encode("utf-8"))
         _fsync_file(tmp / META_FILE)
         fsync_dir(tmp)
@@ -298,8 +320,17 @@ def save_checkpoint(
     if keep_last is not None:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             if old.name != name:
-                shutil.rmtree(old)
+                _delete(old)
     return final
+
+
+def _delete(ckpt: Path) -> None:
+    """Rename a checkpoint to a temporary name, then delete it: killed mid-way, it leaves no half-deleted checkpoint
+    under its real name (the next save removes the leftover)."""
+    doomed = ckpt.with_name(f"{TMP_PREFIX}old-{ckpt.name}-{uuid.uuid4().hex}")
+    os.replace(ckpt, doomed)
+    fsync_dir(ckpt.parent)
+    shutil.rmtree(doomed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,10 +346,13 @@ def _read_meta(ckpt: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated JSON ({exc})") from None
     required = ("format_version", "step", "files", "model_aliases", "state_aliases", "optimizer", "scheduler",
-                "extra", "rng")
+                "extra", "rng", "meta_sha256")
     missing = [k for k in required if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise CheckpointError(f"{path}: missing fields {missing}")
+    if (digest := _meta_digest(meta)) != meta["meta_sha256"]:
+        raise CheckpointError(f"{path}: sha256 mismatch (changed after it was saved): recorded "
+                              f"{meta['meta_sha256']}, found {digest}")
     if meta["format_version"] != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported format version {meta['format_version']!r}")
     return meta

@@ -42,6 +42,7 @@ from titans.checkpoint import (
     atomic_write,
     latest_checkpoint,
     load_checkpoint,
+    non_finite_tensors,
     save_checkpoint,
 )
 from titans.config import ConfigError, RunConfig, load_yaml, save_yaml, to_dict
@@ -191,7 +192,14 @@ class _Trainer:
         self.last_checkpoint = loaded["path"]
         self._say(f"resumed {self.run_dir} from step {self.step} ({loaded['path'].name})")
 
+    def _where(self) -> str:
+        return f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
+
     def _save(self) -> None:
+        bad = non_finite_tensors(self.model.state_dict())  # every rank holds the same weights: all stop together
+        if bad:
+            raise TrainingError(f"non-finite weights ({', '.join(bad[:3])}) after step {self.step}; training "
+                                f"stopped without saving them, {self._where()}")
         if self.info.is_main:
             extra = {"config": to_dict(self.config), "data": self.batches.state_dict(), "window": self.window,
                      "tokens": self.tokens, "scaler": None if self.scaler is None else self.scaler.state_dict()}
@@ -237,7 +245,7 @@ class _Trainer:
         grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip is not None else math.inf))
         loss = loss_sum / count
         step = self.step + 1
-        where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
+        where = self._where()
         if not math.isfinite(loss):
             raise TrainingError(f"non-finite loss ({loss}) at step {step}; training stopped, {where}")
         if self.scaler is None and not math.isfinite(grad_norm):
