@@ -223,3 +223,37 @@ def test_a_second_writer_is_refused(tmp_path, capsys, config_file):
             assert code == 2 and err.count("\n") == 1 and "in use by another titans process" in err, err
     assert snapshot(run_dir) == before
     assert run(capsys, "train", "--resume", run_dir, "--no-progress")[0] == 0  # released when the holder ends
+
+
+# --------------------------------------------------------------------------------------- numeric flags
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trained")
+    save_yaml(from_dict(RunConfig, TINY), root / "tiny.yaml")
+    assert main(["train", str(root / "tiny.yaml"), "--run-dir", str(root / "run"), "--stop-at", "2",
+                 "--no-progress"]) == 0
+    return root / "run"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "RUN", "--prompt", "1 2", "--max-new-tokens", "-1"], "--max-new-tokens must be >= 0, got -1"),
+    (["generate", "RUN", "--prompt", "1 2", "--temperature", "-0.5"], "--temperature must be >= 0, got -0.5"),
+    (["generate", "RUN", "--prompt", "1 2", "--temperature", "nan"], "--temperature must be >= 0, got nan"),
+    (["generate", "RUN", "--prompt", "1 2", "--temperature", "inf"], "--temperature must be finite, got inf"),
+    (["generate", "RUN", "--prompt", "1 2", "--top-k", "0"], "--top-k must be >= 1, got 0"),
+    (["eval", "RUN", "--samples", "0"], "--samples must be >= 1, got 0"),
+    (["eval", "RUN", "--lengths", "16", "0"], "--lengths must be >= 1, got 0"),
+    (["eval", "RUN", "--task", "needle", "--depths", "1.5"], "--depths must lie in [0, 1], got 1.5"),
+    (["eval", "RUN", "--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+    (["niah", "RUN", "--samples", "0"], "--samples must be >= 1, got 0"),
+    (["inspect", "RUN", "--segment-len", "0"], "--segment-len must be >= 1, got 0"),
+    (["inspect", "RUN", "--length", "-4"], "--length must be >= 1, got -4"),
+    (["train", "RUN", "--stop-at", "-1"], "--stop-at must be >= 0, got -1"),
+    (["demo", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["demo", "--threads", "0"], "--threads must be >= 1, got 0"),
+])
+def test_numeric_flags_are_checked_before_anything_runs(tmp_path, capsys, trained_run, args, message):
+    before = snapshot(trained_run)
+    code, out, err = run(capsys, *[str(trained_run) if a == "RUN" else a for a in args])
+    assert code == 2 and err == f"titans: error: {message}\n" and not out
+    assert snapshot(trained_run) == before

@@ -164,3 +164,45 @@ def test_to_dict_is_plain_data():
     assert data["model"] == {"dim": 64, "heads": 4, "variant": "mac", "dropout": 0.0, "window": None,
                              "chunk_sizes": [8, 16]}
     assert from_dict(RunConfig, data) == cfg
+
+
+# ------------------------------------------------------------------------------------------ hostile values
+@pytest.mark.parametrize("key, value", [("optim.lr", ".inf"), ("optim.eps", ".inf"), ("optim.grad_clip", ".inf"),
+                                        ("model.dropout", ".nan"), ("optim.weight_decay", "-.inf")])
+def test_floats_must_be_finite(key, value):
+    with pytest.raises(ConfigError, match=rf"'{key}' must be a finite number, got -?(inf|nan)"):
+        from_dict(RunConfig, apply_overrides({"model": {}}, [f"{key}={value}"]))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("optim:\n  lr: 0.1\n  lr: 0.2\n", r"duplicate key 'optim\.lr' \(line 3\)"),
+    ("optim:\n  lr: 0.1\noptim:\n  eps: 0.1\n", r"duplicate key 'optim' \(line 3\)"),
+    ("a: &a [1, 1]\nb: &b [*a, *a]\nc: [*b, *b]\n", r"YAML aliases are not allowed \(\*a, line 2\)"),
+])
+def test_yaml_duplicate_keys_and_aliases_are_refused(tmp_path, text, message):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_yaml(path, RunConfig)
+    assert "\n" not in str(err.value) and "hostile.yaml" in str(err.value)
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    import time
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("model:\n  dim: 64\ndata:\n  kwargs:\n" + "".join(f"    {line}\n" for line in lines))
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="YAML aliases are not allowed"):
+        load_yaml(path, RunConfig)
+    assert time.perf_counter() - start < 1
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  dim: [1,\n")
+    with pytest.raises(ConfigError, match="invalid YAML") as err:
+        load_yaml(path, RunConfig)
+    assert "\n" not in str(err.value)

@@ -8,6 +8,7 @@ with status 2; a run stopped by a non-finite loss exits with status 1.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -251,6 +252,31 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- flag values
+_AT_LEAST = {"max_new_tokens": 0, "stop_at": 0, "top_k": 1, "samples": 1, "lengths": 1, "max_tokens": 1,
+             "segment_len": 1, "length": 1, "steps": 1, "threads": 1}
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Numeric flags out of range are usage errors, raised before anything is loaded or computed."""
+    for dest, low in _AT_LEAST.items():
+        for value in _as_list(getattr(args, dest, None)):
+            if value < low:
+                raise ValueError(f"--{dest.replace('_', '-')} must be >= {low}, got {value}")
+    temperature = getattr(args, "temperature", None)
+    if temperature is not None and not temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0, got {temperature}")
+    if temperature is not None and not math.isfinite(temperature):
+        raise ValueError(f"--temperature must be finite, got {temperature}")
+    for depth in _as_list(getattr(args, "depths", None)):
+        if not 0 <= depth <= 1:
+            raise ValueError(f"--depths must lie in [0, 1], got {depth}")
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
 # ---------------------------------------------------------------------------------------------- parser
 def _add_set(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
@@ -394,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from titans.train import TrainingError
 
     try:
+        _check_flags(args)
         return args.func(args)
     except TrainingError as exc:
         print(f"titans: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -326,6 +327,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"'{path}' must be a finite number, got {value!r}")
             return float(value)
         raise _wrong_type(path, tp, value)
     if tp in (int, bool, str):
@@ -370,8 +373,37 @@ def to_dict(obj: Any) -> Any:
 # YAML.
 
 
+class _Refused(yaml.YAMLError):
+    """YAML that is valid but not accepted in a config: a duplicate key or an alias."""
+
+
+def _check_duplicate_keys(node: yaml.Node, path: str = "") -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key in seen:
+                raise _Refused(f"duplicate key '{_join(path, key)}' (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+            _check_duplicate_keys(value_node, _join(path, str(key)))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{path}[{i}]")
+
+
 class _Loader(yaml.SafeLoader):
-    """Safe YAML loader that also reads ``1e-3`` as a float (YAML 1.2 rule; PyYAML reads a string)."""
+    """Safe YAML loader that also reads ``1e-3`` as a float (YAML 1.2 rule; PyYAML reads a string) and refuses
+    duplicate keys (PyYAML keeps the last silently) and aliases (no config needs them; they make alias bombs)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(f"YAML aliases are not allowed (*{event.anchor}, line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+    def construct_document(self, node):
+        _check_duplicate_keys(node)
+        return super().construct_document(node)
 
 
 _Loader.add_implicit_resolver(
@@ -392,7 +424,9 @@ def _parse_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML in {source}: {exc}") from None
+        raise ConfigError(f"invalid YAML in {source}: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"invalid YAML in {source}: nested too deeply") from None
 
 
 def load_yaml(path: str | Path, cls: type) -> Any:
