@@ -257,3 +257,64 @@ def test_numeric_flags_are_checked_before_anything_runs(tmp_path, capsys, traine
     code, out, err = run(capsys, *[str(trained_run) if a == "RUN" else a for a in args])
     assert code == 2 and err == f"titans: error: {message}\n" and not out
     assert snapshot(trained_run) == before
+
+
+# ---------------------------------------------------------------------------- failures that are one line
+def test_unwritable_output_is_refused_before_evaluating(tmp_path, capsys, trained_run, monkeypatch):
+    import titans.evaluate
+
+    def never(*args, **kwargs):
+        raise AssertionError("computed before checking the output directory")
+
+    for name in ("eval_synthetic", "eval_needle"):
+        monkeypatch.setattr(titans.evaluate, name, never)
+    monkeypatch.setattr("titans.inspection.inspect_memory", never)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for command in ("eval", "niah", "inspect"):
+        code, _, err = run(capsys, command, trained_run, "--out", blocker / "out")
+        assert code == 2 and err.count("\n") == 1 and f"cannot write to {blocker / 'out'}" in err, err
+
+
+def test_full_disk_during_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, config_file, monkeypatch):
+    import errno
+
+    import titans.checkpoint
+
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", config_file, "--run-dir", run_dir, "--stop-at", "2", "--no-progress")[0] == 0
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(titans.checkpoint.safetensors.torch, "save_file", full)
+    code, _, err = run(capsys, "train", "--resume", run_dir, "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
+    assert (run_dir / "checkpoints" / "latest").read_text() == "ckpt-000002\n"
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_foreign_metrics_file_is_one_line(tmp_path, capsys, config_file):
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", config_file, "--run-dir", run_dir, "--stop-at", "2", "--no-progress")[0] == 0
+    for foreign in ('[1, 2]\n{"step": 1}\n', '{"loss": 1}\n{"step": 1}\n', '"text"\n{"step": 1}\n'):
+        (run_dir / "metrics.jsonl").write_text(foreign)
+        before = snapshot(run_dir)
+        code, _, err = run(capsys, "train", "--resume", run_dir, "--no-progress")
+        assert code == 2 and err.count("\n") == 1 and "metrics.jsonl:1: not a metrics record" in err, err
+        assert snapshot(run_dir) == before
+
+
+def test_hostile_vocab_size_in_a_checkpoint_is_refused_before_allocating(tmp_path, capsys, config_file):
+    from titans.checkpoint import _meta_digest
+
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", config_file, "--run-dir", run_dir, "--stop-at", "2", "--no-progress")[0] == 0
+    meta_path = run_dir / "checkpoints" / "ckpt-000002" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    meta["extra"]["config"]["model"]["vocab_size"] = 10**13  # 640 TB of embeddings
+    meta["meta_sha256"] = _meta_digest(meta)  # a forger who knows the format
+    meta_path.write_text(json.dumps(meta))
+    for args in (["eval", run_dir], ["generate", run_dir, "--prompt", "1 2"]):
+        code, _, err = run(capsys, *args)
+        assert code == 2 and err.count("\n") == 1 and "weights do not fit the saved model config" in err, err

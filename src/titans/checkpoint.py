@@ -39,6 +39,7 @@ __all__ = [
     "CheckpointError",
     "atomic_write",
     "capture_rng_state",
+    "check_model_state",
     "checkpoint_root",
     "latest_checkpoint",
     "list_checkpoints",
@@ -377,7 +378,9 @@ def _read_tensors(ckpt: Path, filename: str, meta: dict) -> dict[str, torch.Tens
         raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
 
 
-def _check_model_state(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def check_model_state(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Raise ``CheckpointError`` unless ``state`` has exactly ``model``'s keys and shapes (``model`` may be on the meta
+    device: nothing is allocated)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -420,7 +423,7 @@ def load_checkpoint(
         raise CheckpointError(f"{ckpt / STATE_FILE}: missing tensor {exc}") from None
 
     if model is not None:
-        _check_model_state(ckpt / MODEL_FILE, model, model_state)
+        check_model_state(ckpt / MODEL_FILE, model, model_state)
     if optimizer is not None:
         if optimizer_state is None:
             raise CheckpointError(f"{ckpt / META_FILE}: no optimizer state saved")

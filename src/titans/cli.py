@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,6 +89,17 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _writable(out: Path) -> Path:
+    """``out``, created, once a file could be made in it: checked before anything is computed."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot write to {out} ({exc.strerror or exc}); give a writable --out") from None
+    return out
+
+
 def _print_result(title: str, path: Path, lines: list[str]) -> None:
     print(title)
     for line in lines:
@@ -99,7 +111,7 @@ def _eval(args: argparse.Namespace) -> int:
     from titans import evaluate
 
     run = evaluate.load_run(args.path, _device(args.device))
-    out = Path(args.out) if args.out else run.run_dir / "eval"
+    out = _writable(Path(args.out) if args.out else run.run_dir / "eval")
     eval_cfg = run.config.eval
     lengths, samples = args.lengths or list(eval_cfg.lengths), args.samples or eval_cfg.samples
     task = args.task if args.task != "auto" else ("lm" if run.config.data.task == "text" else "synthetic")
@@ -140,7 +152,7 @@ def _niah(args: argparse.Namespace) -> int:
 
     run = evaluate.load_run(args.path, _device(args.device))
     eval_cfg = run.config.eval
-    return _needle_report(run, Path(args.out) if args.out else run.run_dir / "eval", args.task,
+    return _needle_report(run, _writable(Path(args.out) if args.out else run.run_dir / "eval"), args.task,
                           args.lengths or list(eval_cfg.lengths), args.depths or list(eval_cfg.depths),
                           args.samples or eval_cfg.samples)
 
@@ -167,6 +179,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from titans.data.synthetic import example_rng
 
     run = evaluate.load_run(args.path, _device(args.device))
+    out = _writable(Path(args.out) if args.out else run.run_dir / "inspect")
     config = run.config
     if args.text is not None:
         tokenizer = evaluate.run_tokenizer(run)
@@ -187,7 +200,6 @@ def _inspect(args: argparse.Namespace) -> int:
     segment_len = args.segment_len or config.model.segment_len
     tokens = torch.tensor(ids, dtype=torch.long, device=run.device)
     records = inspection.inspect_memory(run.model, tokens, segment_len)
-    out = Path(args.out) if args.out else run.run_dir / "inspect"
     plot = out / "memory.png"
     inspection.plot_inspection(records, plot, f"{run.name}: test-time learning of the memory")
     evaluate.write_json(out / "memory.json", {"run": run.name, "checkpoint": str(run.checkpoint), "source": source,
@@ -426,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"titans: {exc}", file=sys.stderr)
         return 1
     except (ConfigError, CheckpointError, DownloadError, LockedError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"titans: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only directory...
         print(f"titans: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from titans.batches import EVAL_SEED_OFFSET, Batch, make_task_from_config, open_text_stream, text_tokenizer_name
-from titans.checkpoint import CheckpointError, atomic_write, load_checkpoint, resolve_checkpoint
+from titans.checkpoint import CheckpointError, atomic_write, check_model_state, load_checkpoint, resolve_checkpoint
 from titans.config import ConfigError, RunConfig, from_dict
 from titans.data.corpus import default_data_dir, load_manifest
 from titans.data.synthetic import NeedleTask, SyntheticDataset
@@ -68,6 +68,12 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
         config = from_dict(RunConfig, saved)
     except ConfigError as exc:
         raise CheckpointError(f"{checkpoint}: invalid run config ({exc})") from None
+    with torch.device("meta"):  # shapes first: a hostile config (vocab_size 10**13) must not allocate anything
+        skeleton = TitansLM(config.model)
+    try:
+        check_model_state(checkpoint, skeleton, loaded["model_state"])
+    except CheckpointError as exc:
+        raise CheckpointError(f"weights do not fit the saved model config: {exc}") from None
     model = TitansLM(config.model)
     try:
         model.load_state_dict(loaded["model_state"])

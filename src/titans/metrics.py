@@ -25,7 +25,8 @@ CSV_FILE = "metrics.csv"
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All records of ``run_dir/metrics.jsonl`` in order; [] if there is none.
 
-    A last line cut short by a killed process is skipped; a bad line elsewhere raises ValueError.
+    A last line cut short by a killed process is skipped; a bad line elsewhere, or a line that is not a record (a
+    JSON object with an integer ``step``), raises ValueError naming the file and line.
     """
     path = Path(run_dir) / JSONL_FILE
     if not path.is_file():
@@ -36,11 +37,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
             if i == len(lines) - 1:
                 break
             raise ValueError(f"{path}:{i + 1}: invalid JSON line ({exc})") from None
+        if not isinstance(record, dict) or type(record.get("step")) is not int:
+            raise ValueError(f"{path}:{i + 1}: not a metrics record (a JSON object with an integer 'step'): "
+                             f"{line[:60]!r}; move the file away to resume")
+        records.append(record)
     return records
 
 
