@@ -50,6 +50,7 @@ def test_round_trip(tmp_path, capsys, config_file):
     run_dir = tmp_path / "run"
     code, out, _ = run(capsys, "train", config_file, "--run-dir", run_dir, "--stop-at", "2", "--no-progress")
     assert code == 0 and f"trained {run_dir} to step 2" in out
+    assert re.search(r"final train loss \d\.\d{4}, chance 2\.7726 \(a uniform guess over 16 tokens\)", out)
     code, out, _ = run(capsys, "train", "--resume", run_dir, "--no-progress")
     assert code == 0 and "to step 4" in out and "resumed from step 2" in out
 

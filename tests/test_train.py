@@ -3,6 +3,7 @@ activation checkpointing, non-finite stops, the run directory."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -248,12 +249,24 @@ def test_run_directory(tmp_path):
     assert lrs[2] > lrs[3] > lrs[4] > lrs[5]
 
 
-def test_training_learns_the_pattern(tmp_path):
+def test_training_learns_the_pattern(tmp_path, capsys):
     """A memory-only model (LMM, no attention) learns to continue repeated patterns: held-out loss falls."""
     summary = train(tiny("lmm", train={"steps": 40, "eval_every": 0, "checkpoint_every": 0, "batch_size": 16},
                          optim={"lr": 3e-2}), tmp_path / "run", progress=False)
     first = read_metrics(tmp_path / "run")[0]["train/loss"]
     assert summary["eval"]["eval/loss"] < 0.85 * first
+    assert summary["chance_loss"] == pytest.approx(math.log(16)) and summary["train_loss"] < summary["chance_loss"]
+    assert "has not fallen" not in capsys.readouterr().out
+
+
+def test_a_loss_that_does_not_move_is_reported(tmp_path, capsys):
+    """A learning rate that cannot train: far too small, or 10x too large (it sits at chance)."""
+    for lr in (1e-9, 1e-1):
+        summary = train(tiny(optim={"lr": lr, "warmup_steps": 12}, train={"steps": 14, "eval_every": 0}),
+                        tmp_path / f"run-{lr}", progress=False)
+        out = capsys.readouterr().out
+        assert "the training loss has not fallen from its initial value by step 12 (end of warm-up)" in out
+        assert f"optim.lr={lr:g}" in out and summary["train_loss"] > 0.99 * summary["chance_loss"]
 
 
 # ------------------------------------------------------------------------------------------------ torchrun

@@ -70,6 +70,12 @@ def _train(args: argparse.Namespace) -> int:
         print(f"trained {run_dir} to step {summary['step']} in {summary['elapsed_s']:.0f}s"
               + (f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] is not None else "")
               + (f": {evaluation}" if evaluation else ""))
+        loss, chance = summary["train_loss"], summary["chance_loss"]
+        if loss is not None:
+            print(f"  final train loss {loss:.4f}, chance {chance:.4f} (a uniform guess over "
+                  f"{config.model.vocab_size} tokens)"
+                  + (": not below chance, the model has not learned (try another optim.lr)"
+                     if loss > 0.99 * chance else ""))
     return 0
 
 

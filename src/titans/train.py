@@ -148,6 +148,7 @@ class _Trainer:
         self.tokens = 0
         self.last_checkpoint: Path | None = None
         self.last_eval: dict = {}
+        self.losses: list[float] = []  # this session's first losses, for the check at the end of warm-up
 
     # -------------------------------------------------------------------------------------- run directory
     def _say(self, message: str) -> None:
@@ -278,6 +279,28 @@ class _Trainer:
         self.last_eval = result
         return result
 
+    def _check_progress(self, loss: float) -> None:
+        """Warn once when the loss has not fallen from its initial value by the end of warm-up (of 10 steps or more):
+        a learning rate far too high or too low sits there, and the run would otherwise end quietly."""
+        check_at = self.config.optim.warmup_steps
+        if check_at < 10 or self.step > check_at or len(self.losses) >= check_at:
+            return
+        self.losses.append(loss)
+        if self.step != check_at or len(self.losses) != check_at:  # only when this session started at step 0
+            return
+        half = max(1, check_at // 2)  # means over several steps: single batches are noisy
+        initial, recent = sum(self.losses[:half]) / half, sum(self.losses[-half:]) / half
+        if recent > 0.99 * initial:
+            self._say(f"warning: the training loss has not fallen from its initial value by step {check_at} (end of "
+                      f"warm-up): {recent:.4f} "
+                      f"over the last {half} steps against {initial:.4f} over the first {half} (chance "
+                      f"{self._chance_loss():.4f}); the learning rate (optim.lr={self.config.optim.lr:g}) may be "
+                      "too high or too low")
+
+    def _chance_loss(self) -> float:
+        """The loss of a uniform guess over the vocabulary."""
+        return math.log(self.config.model.vocab_size)
+
     # -------------------------------------------------------------------------------------- the loop
     def _lock(self, resume: bool) -> contextlib.AbstractContextManager:
         """One writer per run directory: rank 0 holds its lock from the first check to the summary."""
@@ -312,6 +335,7 @@ class _Trainer:
             while self.step < end:
                 loss, grad_norm, lr, tokens = self._train_step()
                 self.step += 1
+                self._check_progress(loss)
                 self.tokens += tokens
                 window_tokens += tokens
                 self.window = {"loss_sum": self.window["loss_sum"] + loss, "steps": self.window["steps"] + 1}
@@ -338,6 +362,7 @@ class _Trainer:
             self.last_eval = self.evaluate()  # resumed a finished run: report its final evaluation
         summary = {"run_dir": str(self.run_dir), "step": self.step, "resumed_from": resumed_from,
                    "train_loss": _last(read_metrics(self.run_dir), "train/loss") if self.info.is_main else None,
+                   "chance_loss": self._chance_loss(),
                    "eval": self.last_eval, "tokens": self.tokens, "elapsed_s": time.perf_counter() - started,
                    "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                    "precision": self.precision, "world_size": self.info.world_size}
