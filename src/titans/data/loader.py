@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from titans.data.corpus import SPLITS, default_data_dir, load_manifest
+from titans.data.corpus import SPLITS, default_data_dir, load_manifest, verify
 
 __all__ = ["TokenStream", "RandomWindows", "DocumentSegments", "Segments", "IGNORE_INDEX"]
 
@@ -44,7 +44,9 @@ class TokenStream:
             raise ValueError(f"the corpus in {data_dir} has no {tokenizer_name!r} tokens "
                              f"(has {sorted(manifest.tokenizers)}): run prepare(tokenizer={tokenizer_name!r})")
         folder = data_dir / "tokens" / tokenizer_name
-        self._set(np.load(folder / f"{split}.npy", mmap_mode="r"), np.load(folder / f"{split}.offsets.npy"),
+        names = [f"{split}.npy", f"{split}.offsets.npy", "tokenizer.json"]
+        verify(data_dir, [f"tokens/{tokenizer_name}/{name}" for name in names])  # a zeroed file must not train
+        self._set(_load_npy(folder / names[0], mmap=True), _load_npy(folder / names[1]),
                   manifest.tokenizers[tokenizer_name]["vocab_size"], folder / "tokenizer.json")
 
     @classmethod
@@ -69,6 +71,14 @@ class TokenStream:
 
     def document(self, index: int) -> np.ndarray:
         return self.tokens[self.offsets[index]:self.offsets[index + 1]]
+
+
+def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"corpus file {path} is not a valid .npy array ({exc}); rebuild with "
+                         "prepare(force=True)") from None
 
 
 def _check_shard(rank: int, world_size: int) -> None:
