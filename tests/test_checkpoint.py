@@ -354,3 +354,74 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with pytest.raises(ValueError, match=r"non-finite values in body\.0\.weight"):
         save_checkpoint(tmp_path, 2, model, opt, sched)
     assert snapshot(tmp_path) == before
+
+
+def _as_legacy(ckpt, *, version=1, keep_hash=False):
+    """checkpoint.json as written before it carried its own hash (format 1, no meta_sha256)."""
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    meta["format_version"] = version
+    if keep_hash:
+        meta["meta_sha256"] = _meta_digest(meta)
+    else:
+        del meta["meta_sha256"]
+    (ckpt / "checkpoint.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def _meta_digest(meta):
+    from titans.checkpoint import _meta_digest as digest
+
+    return digest(meta)
+
+
+def test_legacy_checkpoint_without_its_own_hash_still_loads_with_a_one_line_warning(tmp_path):
+    from titans.checkpoint import CheckpointWarning
+
+    model, opt, sched = make_run(0)
+    train_step(model, opt, sched)
+    ckpt = save_checkpoint(tmp_path, 1, model, opt, sched, extra={"position": 7})
+    _as_legacy(ckpt)
+    before = snapshot(tmp_path)
+    fresh, fresh_opt, fresh_sched = make_run(1)
+    with pytest.warns(CheckpointWarning) as caught:
+        info = load_checkpoint(tmp_path, fresh, fresh_opt, fresh_sched)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "checkpoint.json" in message and "legacy" in message and "unprotected" in message and "\n" not in message
+    assert info["step"] == 1 and info["extra"] == {"position": 7}
+    assert_model_equal(fresh, model)
+    assert_optimizer_equal(fresh_opt, opt)
+    assert snapshot(tmp_path) == before  # loading writes nothing
+
+
+def test_legacy_checkpoint_weights_are_still_verified(tmp_path, recwarn):
+    model, opt, sched = make_run(0)
+    ckpt = save_checkpoint(tmp_path, 1, model, opt, sched)
+    _as_legacy(ckpt)
+    _flip_byte(ckpt / "model.safetensors")
+    fresh = make_run(1)[0]
+    state = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: sha256 mismatch"):
+        load_checkpoint(tmp_path, fresh)
+    assert_model_equal_to_state(fresh, state)
+    assert not recwarn.list  # refused, not warned about
+
+
+def test_current_format_without_its_hash_or_with_a_wrong_one_is_refused(tmp_path, recwarn):
+    from titans.checkpoint import FORMAT_VERSION
+
+    model = make_run(0)[0]
+    ckpt = save_checkpoint(tmp_path, 1, model)
+    assert json.loads((ckpt / "checkpoint.json").read_text())["format_version"] == FORMAT_VERSION > 1
+    _as_legacy(ckpt, version=FORMAT_VERSION)  # a current file whose hash was stripped: tampered, not legacy
+    with pytest.raises(CheckpointError, match=r"checkpoint\.json: missing fields \['meta_sha256'\]"):
+        load_checkpoint(tmp_path, make_run(1)[0])
+
+    # format 1 files written after meta_sha256 existed carry it: it is checked
+    meta = _as_legacy(ckpt, version=1, keep_hash=True)
+    load_checkpoint(tmp_path, make_run(1)[0])
+    meta["step"] = 5
+    (ckpt / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"checkpoint\.json: sha256 mismatch"):
+        load_checkpoint(tmp_path, make_run(1)[0])
+    assert not recwarn.list

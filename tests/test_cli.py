@@ -319,3 +319,16 @@ def test_hostile_vocab_size_in_a_checkpoint_is_refused_before_allocating(tmp_pat
     for args in (["eval", run_dir], ["generate", run_dir, "--prompt", "1 2"]):
         code, _, err = run(capsys, *args)
         assert code == 2 and err.count("\n") == 1 and "weights do not fit the saved model config" in err, err
+
+
+def test_legacy_checkpoint_loads_with_a_one_line_warning(tmp_path, capsys, config_file):
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", config_file, "--run-dir", run_dir, "--stop-at", "2", "--no-progress")[0] == 0
+    meta_path = run_dir / "checkpoints" / "ckpt-000002" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format_version"] = 1  # as saved before checkpoint.json carried its own sha256
+    del meta["meta_sha256"]
+    meta_path.write_text(json.dumps(meta))
+    code, out, err = run(capsys, "generate", run_dir, "--prompt", "1 2", "--max-new-tokens", "2")
+    assert code == 0 and out
+    assert err.count("\n") == 1 and err.startswith("titans: warning: ") and "unprotected" in err, err

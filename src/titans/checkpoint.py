@@ -12,7 +12,8 @@ A checkpoint is written into a temporary directory, fsynced and renamed into pla
 is replaced atomically, so a run killed at any moment leaves only complete checkpoints behind; an old checkpoint is
 renamed to a temporary name before it is deleted. Non-finite model weights are never saved.
 Loading reads nothing but safetensors and JSON (no pickle) and verifies sizes and hashes before
-any object is modified.
+any object is modified. A legacy checkpoint.json (format 1, saved before it carried ``meta_sha256``) still loads, with
+a :class:`CheckpointWarning` that its metadata is unprotected; one of format 2 without the field is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import re
 import shutil
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from titans.fileio import TMP_PREFIX, atomic_write, fsync_dir, sha256_file
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWarning",
     "atomic_write",
     "capture_rng_state",
     "check_model_state",
@@ -50,7 +53,9 @@ __all__ = [
     "save_checkpoint",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checkpoint.json must carry meta_sha256
+_LEGACY_VERSION = 1  # written without meta_sha256 before it existed, and with it until format 2
+_READABLE_VERSIONS = (1, 2)
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.safetensors"
 META_FILE = "checkpoint.json"
@@ -60,6 +65,10 @@ _NAME = re.compile(r"^ckpt-(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, truncated or does not match the objects to restore."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint that loads but cannot be fully verified (a legacy checkpoint.json without its own sha256)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +347,12 @@ def _delete(ckpt: Path) -> None:
 # Load.
 
 
-def _read_meta(ckpt: Path) -> dict:
+def _read_meta(ckpt: Path) -> tuple[dict, bool]:
+    """checkpoint.json's content, verified, and whether it is a legacy file without its own hash.
+
+    Format 2 must carry ``meta_sha256``. Format 1 was written both before checkpoint.json carried its own hash and
+    after: with ``meta_sha256`` it is checked like format 2; without, it is a legacy checkpoint whose metadata cannot
+    be verified (the caller loads it, after its weight hashes are checked, with a warning)."""
     path = ckpt / META_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: missing file")
@@ -347,16 +361,22 @@ def _read_meta(ckpt: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated JSON ({exc})") from None
     required = ("format_version", "step", "files", "model_aliases", "state_aliases", "optimizer", "scheduler",
-                "extra", "rng", "meta_sha256")
+                "extra", "rng")
     missing = [k for k in required if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise CheckpointError(f"{path}: missing fields {missing}")
-    if (digest := _meta_digest(meta)) != meta["meta_sha256"]:
-        raise CheckpointError(f"{path}: sha256 mismatch (changed after it was saved): recorded "
-                              f"{meta['meta_sha256']}, found {digest}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unsupported format version {meta['format_version']!r}")
-    return meta
+    version = meta["format_version"]
+    if type(version) is not int or version not in _READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: unsupported format version {version!r}")
+    legacy = version == _LEGACY_VERSION and "meta_sha256" not in meta
+    if not legacy:
+        if "meta_sha256" not in meta:
+            raise CheckpointError(f"{path}: missing fields ['meta_sha256'] (format version {version} records "
+                                  "its own sha256)")
+        if (digest := _meta_digest(meta)) != meta["meta_sha256"]:
+            raise CheckpointError(f"{path}: sha256 mismatch (changed after it was saved): recorded "
+                                  f"{meta['meta_sha256']}, found {digest}")
+    return meta, legacy
 
 
 def _read_tensors(ckpt: Path, filename: str, meta: dict) -> dict[str, torch.Tensor]:
@@ -408,7 +428,7 @@ def load_checkpoint(
     Returns ``{"path", "step", "extra", "model_state"}`` (``model_state``: the tensors on CPU).
     """
     ckpt = resolve_checkpoint(path)
-    meta = _read_meta(ckpt)
+    meta, legacy = _read_meta(ckpt)
     model_state = _read_tensors(ckpt, MODEL_FILE, meta)
     for alias, target in meta["model_aliases"].items():
         model_state[alias] = model_state[target]
@@ -421,6 +441,10 @@ def load_checkpoint(
         extra = _decode(meta["extra"], tensors)
     except KeyError as exc:
         raise CheckpointError(f"{ckpt / STATE_FILE}: missing tensor {exc}") from None
+    if legacy:  # weight hashes checked above; only checkpoint.json itself is unverified
+        warnings.warn(f"{ckpt / META_FILE}: legacy checkpoint without meta_sha256: its metadata (step, optimizer, "
+                      "RNG and extra state) is unprotected; checkpoints saved from it will carry one", CheckpointWarning,
+                      stacklevel=2)
 
     if model is not None:
         check_model_state(ckpt / MODEL_FILE, model, model_state)

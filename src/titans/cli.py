@@ -13,12 +13,13 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from titans.checkpoint import CheckpointError
+from titans.checkpoint import CheckpointError, CheckpointWarning
 from titans.config import ConfigError, RunConfig, apply_overrides, from_dict, load_yaml, to_dict
 from titans.data.registry import DownloadError
 from titans.fileio import LockedError
@@ -434,6 +435,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    default_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        """A CheckpointWarning is one line on stderr like the errors; other warnings are shown as usual."""
+        if issubclass(category, CheckpointWarning):
+            print(f"titans: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            default_show(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from titans.train import TrainingError
 
