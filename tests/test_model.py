@@ -186,6 +186,13 @@ def test_bad_inputs_are_named():
         TitansConfig(dim=30, heads=4)
 
 
+@pytest.mark.parametrize("width", [0, -8])
+def test_non_positive_ffn_width_is_refused(width):
+    with pytest.raises(ValueError, match=rf"^ffn_hidden must be >= 1 or null, got {width}; change model\.ffn_hidden$"):
+        TitansConfig(ffn_hidden=width)
+    assert TitansConfig(ffn_hidden=None).ffn_width > 0 and TitansConfig(ffn_hidden=1).ffn_width == 1
+
+
 def _mqar_accuracy(config: TitansConfig, seq_len: int, pairs: int, steps: int) -> float:
     """Train on multi-query associative recall (answers only) and return the held-out answer accuracy."""
     from titans.data.synthetic import SyntheticDataset, make_task

@@ -83,6 +83,8 @@ class TitansConfig:
             raise ValueError(f"memory_expansion must be > 0, got {self.memory_expansion}")
         if self.memory_heads is not None and self.memory_heads < 1:
             raise ValueError(f"memory_heads must be >= 1 or null, got {self.memory_heads}")
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            raise ValueError(f"ffn_hidden must be >= 1 or null, got {self.ffn_hidden}; change model.ffn_hidden")
 
     @property
     def ffn_width(self) -> int:
