@@ -193,6 +193,54 @@ def test_non_positive_ffn_width_is_refused(width):
     assert TitansConfig(ffn_hidden=None).ffn_width > 0 and TitansConfig(ffn_hidden=1).ffn_width == 1
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_empty_sequence_empty_piece_and_batch_zero(variant):
+    model = tiny(variant)
+    tokens = torch.randint(0, 32, (2, 13))
+    whole, _ = model(tokens)
+    logits, state = model(tokens[:, :0])  # T = 0 before anything
+    assert logits.shape == (2, 0, 32) and state.position == 0
+    logits, state = model(tokens[:, :6], state)
+    empty, same = model(tokens[:, :0], state)  # an empty streaming piece mid-stream
+    assert empty.shape == (2, 0, 32) and same is state
+    rest, state = model(tokens[:, 6:], same)
+    assert torch.allclose(torch.cat([logits, rest], 1), whole, rtol=0, atol=1e-10) and state.position == 13
+    assert model(tokens[:, :0], state.detach())[1].position == 13
+    for bad in (torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, 0, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"^tokens hold no sequence \(batch 0, shape \(0, \d\)\): give at least"):
+            model(bad)
+    with pytest.raises(ValueError, match="only the batch it was built for"):  # checked without running the layers
+        model(torch.zeros(3, 0, dtype=torch.long), state)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        model.generate(tokens[:, :0], 2)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_state_of_another_model_is_a_one_line_error(variant):
+    model = tiny(variant)
+    tokens = torch.randint(0, 32, (2, 5))
+    other = VARIANTS[(VARIANTS.index(variant) + 1) % len(VARIANTS)]
+    for state_variant, dim in ((other, 32), (variant, 64)):
+        _, state = tiny(state_variant, dim=dim)(tokens)
+        message = (rf"^the state was made by a different model \(variant {state_variant}, width {dim}\); "
+                   rf"this model is variant {variant}, width 32$")
+        with pytest.raises(ValueError, match=message):
+            model(tokens, state)
+        with pytest.raises(ValueError, match=message):
+            model(tokens[:, :0], state)
+        # without the marks (a state put together by hand) its layers' types and shapes tell
+        state.variant = state.dim = None
+        if {variant, state_variant} not in ({"transformer", "swa"}, {"deltanet", "gated_deltanet"}) or dim != 32:
+            with pytest.raises(ValueError, match=rf"^the state was made by a different model \(layer 0 .*\); "
+                                                 rf"this model is variant {variant}, width 32$"):
+                model(tokens, state)
+    _, state = tiny(variant, heads=4)(tokens)  # same variant and width, other shapes
+    with pytest.raises(ValueError, match=r"^the state was made by a different model \(.*layer 0 .* has shape "):
+        model(tokens, state)
+    with pytest.raises(ValueError, match="must be a TitansState"):
+        model(tokens, state.layers)
+
+
 def _mqar_accuracy(config: TitansConfig, seq_len: int, pairs: int, steps: int) -> float:
     """Train on multi-query associative recall (answers only) and return the held-out answer accuracy."""
     from titans.data.synthetic import SyntheticDataset, make_task

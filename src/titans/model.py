@@ -15,11 +15,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .attention import CausalSelfAttention
-from .blocks import AttentionMixer, Block, MACMixer, MAGMixer, MALMixer, MemoryMixer
-from .deltanet import DeltaNet
-from .memory import NeuralMemory
-from .ttt import TTT
+from .attention import AttentionState, CausalSelfAttention
+from .blocks import AttentionMixer, Block, GateMixerState, MACMixer, MACState, MAGMixer, MALMixer, MALState, MemoryMixer
+from .deltanet import DeltaNet, DeltaNetState
+from .memory import NeuralMemory, NeuralMemoryState
+from .ttt import TTT, TTTState
 
 Variant = Literal["mac", "mag", "mal", "lmm", "transformer", "swa", "deltanet", "gated_deltanet", "ttt"]
 VARIANTS: tuple[str, ...] = Variant.__args__
@@ -153,13 +153,70 @@ def build_mixer(config: TitansConfig) -> nn.Module:
 
 @dataclass
 class TitansState:
-    """Streaming state of a TitansLM: one state per block and the number of tokens seen."""
+    """Streaming state of a TitansLM: one state per block (None: nothing seen yet) and the number of tokens seen,
+    marked with the variant and width of the model that made it."""
 
     layers: list = field(default_factory=list)
     position: int = 0
+    variant: str | None = None
+    dim: int | None = None
 
     def detach(self) -> "TitansState":
-        return TitansState([s.detach() for s in self.layers], self.position)
+        return TitansState([None if s is None else s.detach() for s in self.layers], self.position, self.variant,
+                           self.dim)
+
+
+# The state type each mixer makes, and the variants that make it (named when a state of another variant is passed).
+_STATE_TYPES = {AttentionMixer: AttentionState, MemoryMixer: NeuralMemoryState, MAGMixer: GateMixerState,
+                MALMixer: MALState, MACMixer: MACState, DeltaNet: DeltaNetState, TTT: TTTState}
+_MADE_BY = {AttentionState: "transformer or swa", NeuralMemoryState: "lmm", GateMixerState: "mag", MALState: "mal",
+            MACState: "mac", DeltaNetState: "deltanet or gated_deltanet", TTTState: "ttt"}
+
+
+def _memory_shapes(memory: NeuralMemory, weights: dict, label: str):
+    if sorted(weights) != sorted(memory.initial_weights):
+        yield f"{label} weights {sorted(weights)}, this model's {sorted(memory.initial_weights)}", None, None, 1
+        return
+    for name, w in memory.initial_weights.items():
+        yield f"{label} weight {name}", weights[name], (None, *w.shape[1:]), memory.heads
+
+
+def _attention_shapes(attention: CausalSelfAttention, state: AttentionState, label: str = "attention"):
+    yield f"{label} keys", state.keys, (None, attention.heads, None, attention.head_dim), 1
+    yield f"{label} values", state.values, (None, attention.heads, None, attention.head_dim), 1
+
+
+def _state_shapes(mixer: nn.Module, state):
+    """(what, tensor, expected shape with None for any size, rows per batch element) for each tensor of a layer
+    state whose shape the mixer fixes; the batch dimension comes first. (what, None, None, 1) when the state's parts
+    themselves differ."""
+    if isinstance(mixer, AttentionMixer):
+        yield from _attention_shapes(mixer.attention, state)
+    elif isinstance(mixer, MemoryMixer):
+        yield from _memory_shapes(mixer.memory, state.memory.weights, "memory")
+    elif isinstance(mixer, (MAGMixer, MALMixer)):
+        yield from _attention_shapes(mixer.attention, state.attention)
+        yield from _memory_shapes(mixer.memory, state.memory.memory.weights, "memory")
+        if isinstance(mixer, MALMixer) and (mixer.persistent is None) != (state.prefix is None):
+            yield (f"persistent prefix {'present' if state.prefix is not None else 'absent'}, this model's "
+                   f"{'absent' if mixer.persistent is None else 'present'}"), None, None, 1
+        elif isinstance(mixer, MALMixer) and state.prefix is not None:
+            yield "persistent prefix", state.prefix, (None, *mixer.persistent.shape), 1
+    elif isinstance(mixer, MACMixer):
+        yield from _memory_shapes(mixer.memory, state.memory.memory.weights, "memory")
+        yield from _memory_shapes(mixer.memory, state.segment_memory.weights, "segment memory")
+        for name in ("keys", "values"):
+            yield f"segment {name}", getattr(state, name), (None, mixer.heads, 2, None, mixer.head_dim), 1
+    elif isinstance(mixer, DeltaNet):
+        yield "fast weights S", state.S, (None, mixer.heads, mixer.head_v_dim, mixer.head_dim), 1
+    elif isinstance(mixer, TTT):
+        if sorted(state.inner.weights) != sorted(mixer.param_names):
+            names = f"inner weights {sorted(state.inner.weights)}, this model's {sorted(mixer.param_names)}"
+            yield names, None, None, 1
+            return
+        for name in mixer.param_names:
+            shape = (None, *getattr(mixer, name).shape[1:])
+            yield f"inner weight {name}", state.inner.weights[name], shape, mixer.heads
 
 
 class TitansLM(nn.Module):
@@ -179,23 +236,70 @@ class TitansLM(nn.Module):
             self.head.weight = self.embed.weight
 
     def forward(self, tokens: Tensor, state: TitansState | None = None) -> tuple[Tensor, TitansState]:
-        """tokens (B, T) int64 -> logits (B, T, vocab_size) and the state after them."""
+        """tokens (B, T) int64 -> logits (B, T, vocab_size) and the state after them. T = 0 returns empty logits
+        and the state unchanged; a state must come from this model (same variant and shapes) and batch size."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an integer tensor of shape (batch, time), got {tuple(tokens.shape)} "
                              f"{tokens.dtype}")
+        if tokens.shape[0] == 0:
+            raise ValueError(f"tokens hold no sequence (batch 0, shape {tuple(tokens.shape)}): give at least one")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)][0].item()
             raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
+        if state is not None and not torch.compiler.is_compiling():  # not traced (training passes its own states)
+            self._check_state(state, tokens.shape[0])
+        if tokens.shape[1] == 0:  # nothing to read or store (the mixers' convolutions need a token)
+            logits = self.head(self.norm(self.embed(tokens)))
+            return logits, state if state is not None else self._state([None] * len(self.blocks), 0)
         layer_states = [None] * len(self.blocks) if state is None else state.layers
-        if len(layer_states) != len(self.blocks):
-            raise ValueError(f"the state holds {len(layer_states)} layers but the model has {len(self.blocks)}")
         x = self.embed(tokens)
         new_states = []
         for block, layer_state in zip(self.blocks, layer_states):
             x, layer_state = block(x, layer_state)
             new_states.append(layer_state)
         position = (0 if state is None else state.position) + tokens.shape[1]
-        return self.head(self.norm(x)), TitansState(new_states, position)
+        return self.head(self.norm(x)), self._state(new_states, position)
+
+    def _state(self, layers: list, position: int) -> TitansState:
+        return TitansState(layers, position, self.config.variant, self.config.dim)
+
+    def _check_state(self, state: TitansState, batch: int) -> None:
+        """A one-line ValueError unless ``state`` was made by a model like this one (variant, width, layers and the
+        shapes of its tensors) for ``batch`` sequences."""
+        c = self.config
+        this = f"this model is variant {c.variant}, width {c.dim}"
+        if not isinstance(state, TitansState):
+            raise ValueError(f"the state must be a TitansState returned by a TitansLM, got {type(state).__name__}")
+        made = (f"variant {state.variant}, width {state.dim}" if state.variant is not None and state.dim is not None
+                else "")
+        if made and (state.variant, state.dim) != (c.variant, c.dim):
+            raise ValueError(f"the state was made by a different model ({made}); {this}")
+
+        def different(why: str) -> ValueError:
+            return ValueError(f"the state was made by a different model ({made + ': ' if made else ''}{why}); {this}")
+
+        if not isinstance(state.layers, (list, tuple)) or len(state.layers) != len(self.blocks):
+            n = len(state.layers) if isinstance(state.layers, (list, tuple)) else type(state.layers).__name__
+            raise different(f"its state holds {n} layers but the model has {len(self.blocks)}")
+        for i, (block, layer) in enumerate(zip(self.blocks, state.layers)):
+            if layer is None:
+                continue
+            expected = _STATE_TYPES[type(block.mixer)]
+            if type(layer) is not expected:
+                by = _MADE_BY.get(type(layer))
+                raise different(f"layer {i} holds a state of type {type(layer).__name__}"
+                                f"{f' (variant {by})' if by else ''}, not {expected.__name__}")
+            for what, tensor, shape, rows in _state_shapes(block.mixer, layer):
+                if shape is None:  # the names differ, or a part only one of them has: `what` says which
+                    raise different(f"layer {i} {what}")
+                got = tuple(tensor.shape)
+                if len(got) != len(shape) or any(e is not None and g != e for g, e in zip(got, shape)) \
+                        or got[0] % rows:
+                    want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+                    raise different(f"layer {i} {what} has shape {got}, expected {want}")
+                if got[0] // rows != batch:
+                    raise ValueError(f"the state was built for batch {got[0] // rows}, got batch {batch}: a state "
+                                     "carries on only the batch it was built for")
 
     def set_activation_checkpointing(self, chunks: int) -> None:
         """Recompute the memory in groups of `chunks` chunks in the backward pass instead of storing its
@@ -211,6 +315,8 @@ class TitansLM(nn.Module):
         otherwise sampled from softmax(logits / temperature), restricted to the top_k most likely when given."""
         if prompt.dim() == 1:
             prompt = prompt.unsqueeze(0)
+        if prompt.dim() == 2 and prompt.shape[1] == 0 and max_new_tokens > 0:
+            raise ValueError("the prompt is empty: generation continues at least one token")
         logits, state = self(prompt, state)
         out = []
         for _ in range(max_new_tokens):
