@@ -77,9 +77,10 @@ def test_out_of_another_configuration_is_refused_and_resume_reuses_runs(tmp_path
 
 def test_parallel_jobs_run_in_spawned_workers(tmp_path):
     out = tmp_path / "mqar"
-    assert bench.main(["--quick", "--variants", "transformer", "--steps", "2", "--jobs", "2", "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--variants", "transformer", "--lrs", "1e-3", "3e-3", "--steps", "2", "--jobs", "2",
+                       "--out", str(out)]) == 0
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert sorted(run["lr"] for run in runs) == sorted(bench.DEFAULT_LRS)
+    assert sorted(run["lr"] for run in runs) == [1e-3, 3e-3]
     assert all(run["status"] == "ok" for run in runs)
 
 

@@ -28,3 +28,15 @@ def test_mag_output_is_the_memory_gated_by_attention():
         expected = _rms_norm(m, gate.norm_memory) * torch.sigmoid(_rms_norm(y, gate.norm_attention))
         out, _ = mixer(x)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_mac_output_is_attention_gated_by_the_memory():
+    """MAC (Eq. 25): o = y (x) M*_t(y), the attention output (which has read the memory's h) gated by the memory."""
+    torch.manual_seed(0)
+    gate = TitansLM(preset("tiny", "mac", vocab_size=32)).blocks[0].mixer.gate
+    y, m = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        gate.norm_memory.weight.uniform_(0.5, 1.5)
+        gate.norm_attention.weight.uniform_(0.5, 1.5)
+        torch.testing.assert_close(gate(y, m), _rms_norm(y, gate.norm_attention) * torch.sigmoid(
+            _rms_norm(m, gate.norm_memory)))

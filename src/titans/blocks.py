@@ -30,18 +30,23 @@ class SwiGLU(nn.Module):
 
 
 class MemoryGate(nn.Module):
-    """o = y (x) M of MAC and MAG (Sections 4.1-4.2): each branch normalised with learnable vector-valued weights,
-    then a sigmoid. The memory branch carries the content and the attention branch gates it: the other way round
-    (attention content, memory gate) a model answers what its window sees and never learns to use its memory
-    (MQAR, answers beyond the window: 13% against 91-98%, docs/memory.md)."""
+    """o = y (x) M of MAC and MAG (Sections 4.1-4.2): each branch normalised with learnable vector-valued weights;
+    one branch carries the content, the other gates it through a sigmoid. `content` names the content branch:
+    "memory" for MAG, whose memory reaches the output only here (with attention content, MAG answered what its window
+    sees and never learned to use its memory: MQAR answers beyond the window 13% against 91-98%, docs/memory.md);
+    "attention" for MAC, whose attention already reads the memory (h) and whose output gate M*(y) only modulates."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, content: str):
         super().__init__()
+        if content not in ("memory", "attention"):
+            raise ValueError(f"content must be 'memory' or 'attention', got {content!r}")
+        self.content = content
         self.norm_attention = nn.RMSNorm(dim)
         self.norm_memory = nn.RMSNorm(dim)
 
     def forward(self, y: Tensor, m: Tensor) -> Tensor:
-        return self.norm_memory(m) * torch.sigmoid(self.norm_attention(y))
+        y, m = self.norm_attention(y), self.norm_memory(m)
+        return m * torch.sigmoid(y) if self.content == "memory" else y * torch.sigmoid(m)
 
 
 def _with_persistent_prefix(memory: NeuralMemory, persistent: Tensor | None, x: Tensor,
@@ -93,7 +98,7 @@ class MAGMixer(nn.Module):
 
     def __init__(self, attention: CausalSelfAttention, memory: NeuralMemory):
         super().__init__()
-        self.attention, self.memory, self.gate = attention, memory, MemoryGate(attention.dim)
+        self.attention, self.memory, self.gate = attention, memory, MemoryGate(attention.dim, content="memory")
 
     def forward(self, x: Tensor, state: GateMixerState | None = None):
         y, attention_state = self.attention(x, None if state is None else state.attention)
@@ -178,7 +183,10 @@ class MACMixer(nn.Module):
         self.out = nn.Linear(dim, dim, bias=False)
         self.rotary = RotaryEmbedding(self.head_dim) if rope else None
         self.persistent = nn.Parameter(torch.randn(num_persistent, dim)) if num_persistent else None
-        self.gate = MemoryGate(dim)
+        self.gate = MemoryGate(dim, content="attention")
+        # An untrained memory's reads (h, M*(y)) are noise that kept MAC's attention from learning MQAR (14% against
+        # 63%, docs/memory.md): MAC starts as segment attention and the memory's share grows from zero.
+        nn.init.zeros_(memory.to_out.weight)
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, heads, T, head_dim)
