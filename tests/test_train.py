@@ -146,7 +146,9 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     accumulated = train(tiny(optim={"grad_accum": 2}, train={"steps": 3}), tmp_path / "a", progress=False)
     single = train(tiny(train={"steps": 3, "batch_size": 8}), tmp_path / "b", progress=False)
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # float32 sums in another order; Adam magnifies that on parameters whose gradient is still ~0 (MAC's memory,
+    # behind its zero output projection): ~1.5e-6 after 3 steps
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert accumulated["train_loss"] == pytest.approx(single["train_loss"], rel=1e-6)
     norms = [[r["train/grad_norm"] for r in read_metrics(tmp_path / d) if "train/grad_norm" in r] for d in "ab"]
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)

@@ -24,6 +24,7 @@ import json
 import math
 import random
 import shutil
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -289,8 +290,10 @@ class _Trainer:
         if self.step != check_at or len(self.losses) != check_at:  # only when this session started at step 0
             return
         half = max(1, check_at // 2)  # means over several steps: single batches are noisy
-        initial, recent = sum(self.losses[:half]) / half, sum(self.losses[-half:]) / half
-        if recent > 0.99 * initial:
+        first, last = self.losses[:half], self.losses[-half:]
+        initial, recent = statistics.fmean(first), statistics.fmean(last)
+        noise = 2 * math.sqrt((statistics.pvariance(first) + statistics.pvariance(last)) / half)  # ~2 standard errors
+        if initial - recent < max(0.01 * initial, noise):  # not fallen by more than batch-to-batch noise
             self._say(f"warning: the training loss has not fallen from its initial value by step {check_at} (end of "
                       f"warm-up): {recent:.4f} "
                       f"over the last {half} steps against {initial:.4f} over the first {half} (chance "
