@@ -15,7 +15,7 @@ def make_layer(**kwargs):
     return NeuralMemory(**{**defaults, **kwargs}).to(F64)
 
 
-@pytest.mark.parametrize("splits", [[4, 8, 8], [3, 1, 7, 9], [1] * 20])
+@pytest.mark.parametrize("splits", [[4, 8, 8], [3, 1, 7, 9], [1] * 20, [0, 5, 0, 15, 0]])
 def test_streaming_equals_whole_sequence(splits):
     layer = make_layer()
     x = torch.randn(2, 20, 16, dtype=F64)
@@ -26,6 +26,17 @@ def test_streaming_equals_whole_sequence(splits):
         outs.append(y)
         start += n
     assert torch.allclose(torch.cat(outs, 1), y_whole, rtol=0, atol=1e-12)
+
+
+def test_empty_piece_reads_and_stores_nothing():
+    layer = make_layer()
+    empty = torch.zeros(2, 0, 16, dtype=F64)
+    y, state = layer(empty)
+    assert y.shape == (2, 0, 16)
+    _, state = layer(torch.randn(2, 6, 16, dtype=F64), state)
+    y, after = layer(empty, state)
+    assert y.shape == (2, 0, 16) and after.memory is state.memory
+    assert layer.retrieve(empty, state)[0].shape == (2, 0, 16)
 
 
 def test_layer_is_causal():

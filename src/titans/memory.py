@@ -175,6 +175,8 @@ class NeuralMemory(nn.Module):
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
         """Store every token of x in the memory and read it back: token t reads M_t, after its own update."""
         dtype, state = self._begin(x, state)
+        if x.shape[1] == 0:  # an empty piece: nothing to store or read
+            return x.new_zeros(x.shape), state
         q, k, v = (self._project(x, name, state, name) for name in ("q", "k", "v"))
         gates = [self._gate(linear, x) for linear in (self.to_lr, self.to_momentum, self.to_decay)]
         lr = None if gates[0] is None else self.max_lr * gates[0]
@@ -209,6 +211,8 @@ class NeuralMemory(nn.Module):
         """Read the memory with queries from x without storing anything (M* in the paper). Only the read path's
         convolution tail advances."""
         dtype, state = self._begin(x, state)
+        if x.shape[1] == 0:
+            return x.new_zeros(x.shape), state
         q = self._project(x, "q", state, "retrieve_q")
         with torch.autocast(device_type=x.device.type, enabled=False):
             weights = current_weights(self.memory, state.memory, self.max_grad_norm, self.normalize_chunk_lr)
