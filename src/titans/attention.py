@@ -14,6 +14,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def persistent_tokens(num: int, dim: int) -> nn.Parameter | None:
+    """Persistent memory (Section 3.3): `num` learnable, input-independent tokens in input space, at the scale of a
+    normalised input; None when num is 0. Every variant makes its tokens here and keeps them under the attribute (and
+    state-dict key) `persistent`."""
+    if num < 0:
+        raise ValueError(f"num_persistent must be >= 0, got {num}")
+    return nn.Parameter(torch.randn(num, dim)) if num else None
+
+
+def prepend_persistent(tokens: Tensor | None, x: Tensor) -> Tensor:
+    """[p] || x: the persistent tokens (n, dim), in x's dtype, before every sequence of x (B, T, dim)."""
+    if tokens is None:
+        return x
+    return torch.cat([tokens.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1), x], dim=1)
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021), "rotate-half" layout.
 
@@ -150,8 +166,7 @@ class CausalSelfAttention(nn.Module):
         self.rotary = RotaryEmbedding(head_dim) if rope else None
         self.query_norm = nn.RMSNorm(head_dim) if qk_norm else None
         self.key_norm = nn.RMSNorm(head_dim) if qk_norm else None
-        # Persistent memory (Section 3.3): tokens in input space, at the scale of a normalised input.
-        self.persistent = nn.Parameter(torch.randn(num_persistent, dim)) if num_persistent else None
+        self.persistent = persistent_tokens(num_persistent, dim)
 
     def _heads(self, x: Tensor) -> Tensor:
         """(..., T, heads * head_dim) -> (..., heads, T, head_dim)."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import AttentionState, CausalSelfAttention, RotaryEmbedding
+from .attention import AttentionState, CausalSelfAttention, RotaryEmbedding, persistent_tokens, prepend_persistent
 from .memory import NeuralMemory, NeuralMemoryState
 from .ops import MemoryState
 
@@ -50,14 +50,16 @@ class MemoryGate(nn.Module):
 
 
 def _with_persistent_prefix(memory: NeuralMemory, persistent: Tensor | None, x: Tensor,
-                            state: NeuralMemoryState | None) -> tuple[Tensor, NeuralMemoryState]:
-    """M([p] || x): at the start of a sequence the memory first reads the persistent tokens (Section 3.3); their
-    outputs are dropped. Later pieces of a stream continue from the state."""
+                            state: NeuralMemoryState | None) -> tuple[Tensor, Tensor | None, NeuralMemoryState]:
+    """M([p] || x): at the start of a sequence the memory first reads the persistent tokens (Section 3.3). Returns
+    the outputs on x, the outputs on the persistent tokens (None when none were read: no tokens, or a later piece of
+    a stream, which continues from the state) and the state."""
     if state is not None or persistent is None:
-        return memory(x, state)
-    prefix = persistent.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-    y, state = memory(torch.cat([prefix, x], dim=1), None)
-    return y[:, prefix.shape[1]:], state
+        y, state = memory(x, state)
+        return y, None, state
+    n = persistent.shape[0]
+    y, state = memory(prepend_persistent(persistent, x), None)
+    return y[:, n:], y[:, :n], state
 
 
 class AttentionMixer(nn.Module):
@@ -77,10 +79,11 @@ class MemoryMixer(nn.Module):
     def __init__(self, memory: NeuralMemory, num_persistent: int = 0):
         super().__init__()
         self.memory = memory
-        self.persistent = nn.Parameter(torch.randn(num_persistent, memory.dim)) if num_persistent else None
+        self.persistent = persistent_tokens(num_persistent, memory.dim)
 
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None):
-        return _with_persistent_prefix(self.memory, self.persistent, x, state)
+        y, _, state = _with_persistent_prefix(self.memory, self.persistent, x, state)
+        return y, state
 
 
 @dataclass
@@ -102,8 +105,8 @@ class MAGMixer(nn.Module):
 
     def forward(self, x: Tensor, state: GateMixerState | None = None):
         y, attention_state = self.attention(x, None if state is None else state.attention)
-        m, memory_state = _with_persistent_prefix(self.memory, self.attention.persistent, x,
-                                                  None if state is None else state.memory)
+        m, _, memory_state = _with_persistent_prefix(self.memory, self.attention.persistent, x,
+                                                     None if state is None else state.memory)
         return self.gate(y, m), GateMixerState(attention_state, memory_state)
 
 
@@ -127,18 +130,16 @@ class MALMixer(nn.Module):
     def __init__(self, attention: CausalSelfAttention, memory: NeuralMemory, num_persistent: int):
         super().__init__()
         self.attention, self.memory = attention, memory
-        self.persistent = nn.Parameter(torch.randn(num_persistent, memory.dim)) if num_persistent else None
+        self.persistent = persistent_tokens(num_persistent, memory.dim)
 
     def forward(self, x: Tensor, state: MALState | None = None):
-        if state is None:
-            n = 0 if self.persistent is None else self.persistent.shape[0]
-            inputs = x if n == 0 else torch.cat([self.persistent.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
-            m, memory_state = self.memory(inputs, None)
-            y = inputs + m
-            prefix, y, m = (y[:, :n] if n else None), y[:, n:], m[:, n:]
-        else:
-            m, memory_state = self.memory(x, state.memory)
-            y, prefix = x + m, state.prefix
+        m, m_persistent, memory_state = _with_persistent_prefix(self.memory, self.persistent, x,
+                                                                None if state is None else state.memory)
+        y = x + m
+        if state is not None:
+            prefix = state.prefix
+        else:  # y_p = p + M(p), in x's dtype like y
+            prefix = None if m_persistent is None else self.persistent.to(x.dtype) + m_persistent
         o, attention_state = self.attention(y, None if state is None else state.attention, prefix=prefix)
         return m + o, MALState(attention_state, memory_state, prefix)
 
@@ -182,7 +183,7 @@ class MACMixer(nn.Module):
         self.value = nn.Linear(dim, dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
         self.rotary = RotaryEmbedding(self.head_dim) if rope else None
-        self.persistent = nn.Parameter(torch.randn(num_persistent, dim)) if num_persistent else None
+        self.persistent = persistent_tokens(num_persistent, dim)
         self.gate = MemoryGate(dim, content="attention")
         # An untrained memory's reads (h, M*(y)) are noise that kept MAC's attention from learning MQAR (14% against
         # 63%, docs/memory.md): MAC starts as segment attention and the memory's share grows from zero.
