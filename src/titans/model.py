@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import AttentionState, CausalSelfAttention
-from .blocks import AttentionMixer, Block, GateMixerState, MACMixer, MACState, MAGMixer, MALMixer, MALState, MemoryMixer
 from .deltanet import DeltaNet, DeltaNetState
 from .memory import NeuralMemory, NeuralMemoryState
+from .mixers import AttentionMixer, GateMixerState, MACMixer, MACState, MAGMixer, MALMixer, MALState, MemoryMixer
 from .ttt import TTT, TTTState
 
 Variant = Literal["mac", "mag", "mal", "lmm", "transformer", "swa", "deltanet", "gated_deltanet", "ttt"]
@@ -217,6 +218,33 @@ def _state_shapes(mixer: nn.Module, state):
         for name in mixer.param_names:
             shape = (None, *getattr(mixer, name).shape[1:])
             yield f"inner weight {name}", state.inner.weights[name], shape, mixer.heads
+
+
+class SwiGLU(nn.Module):
+    """Feed-forward: W_down (silu(W_gate x) * W_up x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + SwiGLU(norm(x))."""
+
+    def __init__(self, dim: int, mixer: nn.Module, ffn_hidden: int):
+        super().__init__()
+        self.mixer_norm, self.mixer = nn.RMSNorm(dim), mixer
+        self.ffn_norm, self.ffn = nn.RMSNorm(dim), SwiGLU(dim, ffn_hidden)
+
+    def forward(self, x: Tensor, state=None):
+        y, state = self.mixer(self.mixer_norm(x), state)
+        x = x + y
+        return x + self.ffn(self.ffn_norm(x)), state
 
 
 class TitansLM(nn.Module):

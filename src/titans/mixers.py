@@ -1,4 +1,5 @@
-"""The sequence mixers of Titans (paper Section 4) and of the baselines, the gate, the feed-forward and the block.
+"""The sequence mixers of Titans (paper Section 4): MAC, MAG, MAL, LMM, the gate of MAC and MAG, and the attention
+baselines' wrapper.
 
 Every mixer maps (B, T, dim) -> (B, T, dim) and carries a streaming state: `forward(x, state) -> (y, state)`.
 """
@@ -14,19 +15,6 @@ from torch import Tensor, nn
 from .attention import AttentionState, CausalSelfAttention, RotaryEmbedding, persistent_tokens, prepend_persistent
 from .memory import NeuralMemory, NeuralMemoryState
 from .ops import MemoryState
-
-
-class SwiGLU(nn.Module):
-    """Feed-forward: W_down (silu(W_gate x) * W_up x)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
 
 
 class MemoryGate(nn.Module):
@@ -235,17 +223,3 @@ class MACMixer(nn.Module):
             outputs.append(y)
             start += n
         return (torch.cat(outputs, dim=1) if outputs else x.new_zeros(x.shape)), state
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + SwiGLU(norm(x))."""
-
-    def __init__(self, dim: int, mixer: nn.Module, ffn_hidden: int):
-        super().__init__()
-        self.mixer_norm, self.mixer = nn.RMSNorm(dim), mixer
-        self.ffn_norm, self.ffn = nn.RMSNorm(dim), SwiGLU(dim, ffn_hidden)
-
-    def forward(self, x: Tensor, state=None):
-        y, state = self.mixer(self.mixer_norm(x), state)
-        x = x + y
-        return x + self.ffn(self.ffn_norm(x)), state
