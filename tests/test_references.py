@@ -139,8 +139,7 @@ def test_embedding_initialisation_is_pinned(tie):
 
 
 def test_memory_initialisation_is_pinned():
-    """M_0 reads 0 (zero last layer, random hidden layers); the gates start at init_lr, init_momentum, init_decay;
-    MAC's memory output projection starts at zero (segment attention first), the other memories' does not."""
+    """M_0 reads 0 (zero last layer, random hidden layers); the gates start at init_lr, init_momentum, init_decay."""
     def logit(p):
         return math.log(p / (1 - p))
 
@@ -154,4 +153,3 @@ def test_memory_initialisation_is_pinned():
         for linear, value in ((memory.to_lr, 0.2 / 0.5), (memory.to_momentum, 0.3), (memory.to_decay, 0.01)):
             torch.testing.assert_close(linear.bias, torch.full_like(linear.bias, logit(value)))
             assert linear.weight.std() < 0.03
-        assert memory.to_out.weight.any() == (variant != "mac")

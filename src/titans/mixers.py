@@ -173,9 +173,6 @@ class MACMixer(nn.Module):
         self.rotary = RotaryEmbedding(self.head_dim) if rope else None
         self.persistent = persistent_tokens(num_persistent, dim)
         self.gate = MemoryGate(dim, content="attention")
-        # An untrained memory's reads (h, M*(y)) are noise that kept MAC's attention from learning MQAR (14% against
-        # 63%, docs/memory.md): MAC starts as segment attention and the memory's share grows from zero.
-        nn.init.zeros_(memory.to_out.weight)
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, heads, T, head_dim)
