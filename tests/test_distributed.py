@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from titans.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, is_main_process
+from titans.runtime import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, is_main_process
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 GLOBAL_BATCH, STEPS = 8, 3
@@ -22,7 +22,7 @@ import json, sys
 import torch
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
-from titans.distributed import all_reduce_mean, barrier, cleanup, init_distributed, is_main_process
+from titans.runtime import all_reduce_mean, barrier, cleanup, init_distributed, is_main_process
 
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from test_distributed import make_model, make_data

@@ -23,6 +23,7 @@ from titans.checkpoint import CheckpointError, CheckpointWarning
 from titans.config import ConfigError, RunConfig, apply_overrides, from_dict, load_yaml, to_dict
 from titans.data.registry import DownloadError
 from titans.fileio import LockedError
+from titans.runtime import choose_device
 
 __all__ = ["main", "build_parser", "load_config"]
 
@@ -88,14 +89,6 @@ def _token_ids(text: str, option: str) -> list[int]:
                          f"tasks have no tokenizer), got {text!r}") from None
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available")
-    return torch.device(name)
-
-
 def _writable(out: Path) -> Path:
     """``out``, created, once a file could be made in it: checked before anything is computed."""
     try:
@@ -117,7 +110,7 @@ def _print_result(title: str, path: Path, lines: list[str]) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from titans import evaluate
 
-    run = evaluate.load_run(args.path, _device(args.device))
+    run = evaluate.load_run(args.path, choose_device(args.device))
     out = _writable(Path(args.out) if args.out else run.run_dir / "eval")
     eval_cfg = run.config.eval
     lengths, samples = args.lengths or list(eval_cfg.lengths), args.samples or eval_cfg.samples
@@ -157,7 +150,7 @@ def _needle_report(run, out: Path, task: str | None, lengths: list[int], depths:
 def _niah(args: argparse.Namespace) -> int:
     from titans import evaluate
 
-    run = evaluate.load_run(args.path, _device(args.device))
+    run = evaluate.load_run(args.path, choose_device(args.device))
     eval_cfg = run.config.eval
     return _needle_report(run, _writable(Path(args.out) if args.out else run.run_dir / "eval"), args.task,
                           args.lengths or list(eval_cfg.lengths), args.depths or list(eval_cfg.depths),
@@ -167,7 +160,7 @@ def _niah(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from titans import evaluate
 
-    run = evaluate.load_run(args.path, _device(args.device))
+    run = evaluate.load_run(args.path, choose_device(args.device))
     tokenizer = evaluate.run_tokenizer(run)
     ids = tokenizer.encode(args.prompt) if tokenizer is not None else _token_ids(args.prompt, "--prompt")
     if not ids:
@@ -185,7 +178,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from titans.batches import EVAL_SEED_OFFSET, make_task_from_config
     from titans.data.synthetic import example_rng
 
-    run = evaluate.load_run(args.path, _device(args.device))
+    run = evaluate.load_run(args.path, choose_device(args.device))
     out = _writable(Path(args.out) if args.out else run.run_dir / "inspect")
     config = run.config
     if args.text is not None:

@@ -25,6 +25,7 @@ from titans.evaluate import LoadedRun, evaluate_synthetic, load_run, write_json
 from titans.inspection import inspect_memory, records_as_dicts
 from titans.model import TitansLM, count_parameters, match_parameters
 from titans.plots import plot_accuracy_vs_length
+from titans.runtime import seed_everything
 from titans.train import train
 
 __all__ = ["DEMO_CONFIG", "BASELINE", "run_demo"]
@@ -67,7 +68,7 @@ def _fresh_run_dir(path: Path) -> None:
 
 def _untrained(config: RunConfig, run_dir: Path) -> LoadedRun:
     """The model as training starts (the trainer seeds torch the same way before building it)."""
-    torch.manual_seed(config.train.seed)
+    seed_everything(config.train.seed)
     return LoadedRun(TitansLM(config.model).eval(), config, 0, run_dir, run_dir, torch.device("cpu"))
 
 

@@ -30,8 +30,8 @@ from titans.data.synthetic import NeedleTask, SyntheticDataset
 from titans.data.tokenizer import Tokenizer, load_tokenizer
 from titans.model import TitansLM
 from titans.plots import plot_accuracy_vs_length, plot_needle_heatmap
+from titans.runtime import autocast_for
 from titans.scoring import Scores, score_batch
-from titans.train import autocast_for
 
 __all__ = ["LoadedRun", "load_run", "run_tokenizer", "evaluate_text", "evaluate_synthetic", "needle_grid",
            "eval_lm", "eval_synthetic", "eval_needle", "eval_babilong", "write_json"]

@@ -22,17 +22,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import shutil
 import statistics
 import time
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -47,15 +42,24 @@ from titans.checkpoint import (
     save_checkpoint,
 )
 from titans.config import ConfigError, RunConfig, load_yaml, save_yaml, to_dict
-from titans.distributed import DistInfo, barrier, cleanup, init_distributed
 from titans.fileio import exclusive_lock
 from titans.metrics import MetricsLogger, read_metrics
 from titans.model import TitansLM, TitansState
 from titans.optim import build_optimizer, build_scheduler
 from titans.plots import plot_loss_curves
+from titans.runtime import (
+    DistInfo,
+    all_reduce_sum,
+    autocast_for,
+    barrier,
+    cleanup,
+    init_distributed,
+    is_distributed,
+    seed_everything,
+)
 from titans.scoring import Scores, masked_loss_sum, score_batch
 
-__all__ = ["TrainingError", "SegmentLoss", "autocast_for", "train", "CONFIG_FILE", "SUMMARY_FILE", "LOCK_FILE"]
+__all__ = ["TrainingError", "SegmentLoss", "train", "CONFIG_FILE", "SUMMARY_FILE", "LOCK_FILE"]
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
@@ -86,35 +90,6 @@ class SegmentLoss(nn.Module):
         return total, state
 
 
-def autocast_for(device: torch.device, precision: str) -> tuple[Callable[[], contextlib.AbstractContextManager],
-                                                                 str]:
-    """An autocast context factory for ``precision`` on ``device`` and the precision actually used: fp16 needs
-    CUDA; bf16 needs a CPU or a GPU that supports it. Otherwise fp32, with a warning."""
-    if precision == "fp16" and device.type != "cuda":
-        warnings.warn("fp16 autocast needs CUDA; training in fp32", stacklevel=2)
-        precision = "fp32"
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        warnings.warn("this GPU does not support bf16; training in fp32", stacklevel=2)
-        precision = "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext, precision
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return (lambda: torch.autocast(device.type, dtype=dtype)), precision
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
-
-
 def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = []
     for key in sorted(set(a) | set(b)):
@@ -131,7 +106,7 @@ class _Trainer:
         self.config, self.run_dir, self.info, self.progress = config, run_dir, info, progress
         train_cfg = config.train
         self.autocast, self.precision = autocast_for(info.device, train_cfg.precision)
-        _seed_everything(train_cfg.seed)
+        seed_everything(train_cfg.seed)
         self.model = TitansLM(config.model).to(info.device)
         if train_cfg.activation_checkpointing:  # the memory recomputes each chunk in the backward pass
             self.model.set_activation_checkpointing(True)
@@ -236,11 +211,11 @@ class _Trainer:
     def _train_step(self) -> tuple[float, float, float, int]:
         """One optimizer step; returns the mean loss, gradient norm, learning rate and tokens of the global batch."""
         micro = [next(self.batches).to(self.info.device) for _ in range(self.config.optim.grad_accum)]
-        count = float(_all_reduce_sum(torch.tensor(float(sum(b.scored for b in micro)), device=self.info.device)))
+        count = float(all_reduce_sum(torch.tensor(float(sum(b.scored for b in micro)), device=self.info.device)))
         if count == 0:
             raise TrainingError(f"step {self.step + 1}: the batch has no scored position")
         # DDP averages gradients over ranks: scale by world_size / count for the gradient of the global mean
-        loss_sum = float(_all_reduce_sum(self._backward(micro, self.info.world_size / count)))
+        loss_sum = float(all_reduce_sum(self._backward(micro, self.info.world_size / count)))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.config.optim.grad_clip
@@ -273,7 +248,7 @@ class _Trainer:
             scores += score_batch(self.model, next(source).to(self.info.device),
                                   cfg.seq_len // cfg.tbptt_segments, self.autocast)
         self.model.train()
-        scores = Scores.from_tensor(_all_reduce_sum(scores.to_tensor(self.info.device)))
+        scores = Scores.from_tensor(all_reduce_sum(scores.to_tensor(self.info.device)))
         result = {"eval/loss": scores.loss, "eval/accuracy": scores.accuracy}
         if self.config.data.task != "text":
             result["eval/sequence_accuracy"] = scores.sequence_accuracy
@@ -392,7 +367,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, *, stop_
     Raises :class:`~titans.config.ConfigError` for an unusable config or run directory and
     :class:`TrainingError` when the loss or the gradients stop being finite.
     """
-    joined = not (dist.is_available() and dist.is_initialized())
+    joined = not is_distributed()
     info = init_distributed(config.train.device)
     trainer = None
     try:
