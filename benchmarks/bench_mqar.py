@@ -43,12 +43,11 @@ sequence, can give), the answer loss and the accuracy in distance bins. The best
 with the highest mean accuracy over the test sets (Zoology reports the best of its sweep the same way; a diverged run
 counts -1); every run is kept in the JSON. With several seeds a cell is the mean over seeds and its min-max spread.
 
-Budget: a training step of the default mix costs (CPU seconds on one thread, measured in the default grid on a shared
-2-core machine) mag 0.86, mal 0.83, mac 0.80, lmm 0.64, ttt 0.54, gated_deltanet 0.28, deltanet 0.25, swa 0.15,
-transformer 0.14: 4.5 s per step for all nine variants, 9 s with two lrs. 350 steps took 3,140 CPU seconds of
-training and the tests ~290 s (wall, summed over runs): ~28 minutes with --jobs 2 on two otherwise idle cores. On a
-busy machine it is longer (it took 54 minutes while another benchmark shared the two cores); the wall and
-CPU seconds of every run are in the JSON.
+Budget: a training step of the default mix costs (CPU seconds on one thread, measured in the default grid) mag 0.80,
+mac 0.79, mal 0.71, lmm 0.63, ttt 0.57, gated_deltanet 0.25, deltanet 0.24, swa 0.14, transformer 0.13: 4.3 s per
+step for all nine variants. The default 700 steps took 2,988 CPU seconds of training and ~100 s of tests: ~26 minutes
+with --jobs 2 on two otherwise idle cores. On a busy machine it is longer (55 minutes while other work shared the
+cores); the wall and CPU seconds of every run are in the JSON.
 
 Outputs in --out (default runs/bench_mqar): results.json (configuration, machine, every run, the summary), results.md
 (the tables) and mqar.png (accuracy versus test length per variant, overall and beyond the window), each written
