@@ -100,6 +100,20 @@ def _writable(out: Path) -> Path:
     return out
 
 
+def _writable_file(out: Path) -> Path:
+    """``out``, a file path whose directory (created) takes a new file: checked before anything is computed."""
+    if out.is_dir():
+        raise ValueError(f"--save-state {out} is a directory; give a file path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot write to {out.parent} ({exc.strerror or exc}); give a writable --save-state") \
+            from None
+    return out
+
+
 def _print_result(title: str, path: Path, lines: list[str]) -> None:
     print(title)
     for line in lines:
@@ -165,10 +179,19 @@ def _generate(args: argparse.Namespace) -> int:
     ids = tokenizer.encode(args.prompt) if tokenizer is not None else _token_ids(args.prompt, "--prompt")
     if not ids:
         raise ValueError("the prompt is empty")
+    state = None
+    if args.state:
+        from titans.model import TitansState
+
+        state = TitansState.load(args.state, run.model)
+    save_to = _writable_file(Path(args.save_state)) if args.save_state else None
     generator = torch.Generator(device=run.device).manual_seed(args.seed)
     prompt = torch.tensor([ids], dtype=torch.long, device=run.device)
-    out = run.model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                             generator=generator)[0, len(ids):].tolist()
+    out, state = run.model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                    generator=generator, state=state, return_state=True)
+    out = out[0, len(ids):].tolist()
+    if save_to is not None:
+        state.save(save_to)
     print(tokenizer.decode(out) if tokenizer is not None else " ".join(map(str, out)))
     return 0
 
@@ -371,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--state", metavar="IN", help="start from a memory state saved by --save-state: the prompt "
+                   "continues that stream (a long document read once, queried many times)")
+    p.add_argument("--save-state", metavar="OUT", help="save the memory state after the prompt and the generated "
+                   "tokens to OUT (safetensors)")
     _add_device(p)
     p.set_defaults(func=_generate)
 

@@ -163,8 +163,43 @@ class TitansState:
     dim: int | None = None
 
     def detach(self) -> "TitansState":
-        return TitansState([None if s is None else s.detach() for s in self.layers], self.position, self.variant,
+        """The same state cut from the autograd graph (every tensor of every layer)."""
+        from .state import map_tensors
+
+        return TitansState(map_tensors(list(self.layers), lambda t: t.detach()), self.position, self.variant,
                            self.dim)
+
+    def to(self, target: torch.device | str | torch.dtype) -> "TitansState":
+        """The state on another device (every tensor) or in another floating dtype (floating tensors only)."""
+        from .state import map_tensors
+
+        if isinstance(target, torch.dtype):
+            if not target.is_floating_point:
+                raise ValueError(f"a state converts to a floating dtype, got {target}")
+            convert = lambda t: t.to(target) if t.is_floating_point() else t  # noqa: E731
+        else:
+            convert = lambda t: t.to(torch.device(target))  # noqa: E731
+        return TitansState(map_tensors(list(self.layers), convert), self.position, self.variant, self.dim)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors (a tensor shared by two parts counted once)."""
+        from .state import tensors
+
+        return sum(t.numel() * t.element_size() for t in tensors(self.layers))
+
+    def save(self, path) -> None:
+        """Write the state to `path` (safetensors; the structure as JSON in its metadata), atomically."""
+        from .state import save_state
+
+        save_state(self, path)
+
+    @classmethod
+    def load(cls, path, model: "TitansLM") -> "TitansState":
+        """A state saved by `save`, on `model`'s device; a one-line ValueError when `model` did not make it."""
+        from .state import load_state
+
+        return load_state(path, model)
 
 
 # The state type each mixer makes, and the variants that make it (named when a state of another variant is passed).
@@ -291,9 +326,9 @@ class TitansLM(nn.Module):
     def _state(self, layers: list, position: int) -> TitansState:
         return TitansState(layers, position, self.config.variant, self.config.dim)
 
-    def _check_state(self, state: TitansState, batch: int) -> None:
+    def _check_state(self, state: TitansState, batch: int | None) -> None:
         """A one-line ValueError unless ``state`` was made by a model like this one (variant, width, layers and the
-        shapes of its tensors) for ``batch`` sequences."""
+        shapes of its tensors) for ``batch`` sequences (None: any batch, the same in every tensor)."""
         c = self.config
         this = f"this model is variant {c.variant}, width {c.dim}"
         if not isinstance(state, TitansState):
@@ -325,6 +360,8 @@ class TitansLM(nn.Module):
                         or got[0] % rows:
                     want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
                     raise different(f"layer {i} {what} has shape {got}, expected {want}")
+                if batch is None:
+                    batch = got[0] // rows
                 if got[0] // rows != batch:
                     raise ValueError(f"the state was built for batch {got[0] // rows}, got batch {batch}: a state "
                                      "carries on only the batch it was built for")
@@ -338,9 +375,11 @@ class TitansLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
-                 state: TitansState | None = None, generator: torch.Generator | None = None) -> Tensor:
+                 state: TitansState | None = None, generator: torch.Generator | None = None,
+                 return_state: bool = False) -> Tensor | tuple[Tensor, TitansState]:
         """Continue `prompt` (B, T) by `max_new_tokens` tokens from a streaming state: greedy when temperature is 0,
-        otherwise sampled from softmax(logits / temperature), restricted to the top_k most likely when given."""
+        otherwise sampled from softmax(logits / temperature), restricted to the top_k most likely when given. With
+        return_state: also the state after the prompt and every generated token."""
         if prompt.dim() == 1:
             prompt = prompt.unsqueeze(0)
         if prompt.dim() == 2 and prompt.shape[1] == 0 and max_new_tokens > 0:
@@ -359,7 +398,8 @@ class TitansLM(nn.Module):
                 token = torch.multinomial(torch.softmax(last, -1), 1, generator=generator)
             out.append(token)
             logits, state = self(token, state)
-        return torch.cat([prompt] + out, dim=1)
+        tokens = torch.cat([prompt] + out, dim=1)
+        return (tokens, state) if return_state else tokens
 
 
 def count_parameters(config_or_model: TitansConfig | nn.Module, by_component: bool = False):
