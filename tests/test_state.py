@@ -76,6 +76,21 @@ def test_a_state_for_another_model_is_a_one_line_error(tmp_path, tokens, maker, 
     assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
+def test_a_state_file_missing_a_part_is_a_one_line_error(tmp_path, tokens):
+    model = tiny("deltanet")
+    _, state = model(tokens[:, :SPLIT])
+    state.save(tmp_path / "state.safetensors")
+    with safetensors.safe_open(str(tmp_path / "state.safetensors"), "pt") as f:
+        structure = json.loads(f.metadata()[METADATA_KEY])
+        named = {k: f.get_tensor(k) for k in f.keys()}
+    del structure["layers"][1]["fields"]["conv"]["dict"]["k"]  # a convolution tail the model needs
+    safetensors.torch.save_file(named, tmp_path / "edited.safetensors", metadata={METADATA_KEY: json.dumps(structure)})
+    with pytest.raises(ValueError) as info:
+        TitansState.load(tmp_path / "edited.safetensors", model)
+    assert "layer 1 conv holds ['q', 'v'], this model's ['k', 'q', 'v']" in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_files_that_are_not_states_are_one_line_errors(tmp_path):
     model = tiny("swa")
     (tmp_path / "junk").write_bytes(b"not a safetensors file")

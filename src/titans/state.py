@@ -153,6 +153,35 @@ def load_state(path: str | Path, model: "TitansLM") -> "TitansState":
     state = TitansState(layers, position, structure["variant"], structure["dim"])
     try:
         model._check_state(state, None)
+        with torch.no_grad():  # the parts a state of this model has (dict keys, tensor ranks), after one token
+            _, reference = model(torch.zeros(1, 1, dtype=torch.long, device=device))
+        for i, (got, want) in enumerate(zip(state.layers, reference.layers)):
+            _same_parts(got, want, f"layer {i}")
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
     return state
+
+
+def _same_parts(got: Any, want: Any, where: str) -> None:
+    """A ValueError unless `got` has the parts of `want` (a state this model made): the same types, dict keys and
+    tensor ranks wherever both have a part (None: nothing there yet; sizes along batch and time may differ)."""
+    if got is None or want is None:
+        return
+    if isinstance(want, Tensor):
+        if not isinstance(got, Tensor) or got.dim() != want.dim():
+            what = f"{got.dim()}-d tensor" if isinstance(got, Tensor) else type(got).__name__
+            raise ValueError(f"the state was made by a different model ({where} holds a {what}, this model's a "
+                             f"{want.dim()}-d tensor)")
+    elif dataclasses.is_dataclass(want):
+        if type(got) is not type(want):
+            raise ValueError(f"the state was made by a different model ({where} holds {type(got).__name__}, "
+                             f"this model's {type(want).__name__})")
+        for f in dataclasses.fields(want):
+            _same_parts(getattr(got, f.name), getattr(want, f.name), f"{where} {f.name}")
+    elif isinstance(want, dict):
+        if not isinstance(got, dict) or sorted(got) != sorted(want):
+            keys = sorted(got) if isinstance(got, dict) else type(got).__name__
+            raise ValueError(f"the state was made by a different model ({where} holds {keys}, this model's "
+                             f"{sorted(want)})")
+        for k in want:
+            _same_parts(got[k], want[k], f"{where} {k}")
