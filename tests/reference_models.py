@@ -241,13 +241,13 @@ def mag_reference(mixer, config, x: Tensor) -> Tensor:
 
 
 def mal_reference(mixer, config, x: Tensor) -> Tensor:
-    """MAL (Eqs. 29-31) with a residual around each layer: x~ = [p] || x; y = norm(x~ + M(x~)) (pre-norm);
-    o = x~ + M(x~) + SW-Attn(y), the persistent positions' y the attention's always-visible prefix. Returns
-    o - x = M(x~) + SW-Attn(y) on the x positions (the block adds x back)."""
+    """MAL (Eqs. 29-31) with a residual around each layer: x~ = [p] || x; y = x~ + M(x~); o = y + SW-Attn(y), the
+    persistent positions' y the attention's always-visible prefix. Returns o - x = M(x~) + SW-Attn(y) on the x
+    positions (the block adds x back)."""
     n = _n(mixer.persistent)
     inputs = _with_persistent(mixer.persistent, x)
     m = memory_reference(mixer.memory, config, inputs)[0]
-    y = rms_norm(inputs + m, mixer.attention_norm.weight, mixer.attention_norm.eps)
+    y = inputs + m
     attended = attention_reference(mixer.attention, y[:, n:], config.window, config.rope,
                                    prefix=y[:, :n] if n else None)
     return m[:, n:] + attended

@@ -111,25 +111,23 @@ class MALState:
 
 class MALMixer(nn.Module):
     """Memory as a Layer (Section 4.3, Eqs. 29-31) in an H3-like block with a residual around each layer (4.4):
-    x~ = [p] || x;  y = x~ + M(x~);  o = y + SW-Attn(norm(y)). The attention reads y pre-normed like every other
-    layer's input (unnormed, MQAR within the window: 71-87% against 99%, docs/memory.md). The persistent tokens reach
-    the attention through the memory: their norm(y_p) are the attention's prefix, visible to every position whatever
-    the window. Returns o - x~ = M(x~) + SW-Attn(norm(y)): the block's own residual adds x back."""
+    x~ = [p] || x;  y = x~ + M(x~);  o = y + SW-Attn(y). The persistent tokens reach the attention through the
+    memory: their outputs y_p are the attention's prefix, visible to every position whatever the window. Returns
+    o - x~ = M(x~) + SW-Attn(y): the block's own residual adds x back."""
 
     def __init__(self, attention: CausalSelfAttention, memory: NeuralMemory, num_persistent: int):
         super().__init__()
         self.attention, self.memory = attention, memory
-        self.attention_norm = nn.RMSNorm(memory.dim)
         self.persistent = persistent_tokens(num_persistent, memory.dim)
 
     def forward(self, x: Tensor, state: MALState | None = None):
         m, m_persistent, memory_state = _with_persistent_prefix(self.memory, self.persistent, x,
                                                                 None if state is None else state.memory)
-        y = self.attention_norm(x + m)
+        y = x + m
         if state is not None:
             prefix = state.prefix
-        else:  # norm(y_p), y_p = p + M(p), in x's dtype like y
-            prefix = None if m_persistent is None else self.attention_norm(self.persistent.to(x.dtype) + m_persistent)
+        else:  # y_p = p + M(p), in x's dtype like y
+            prefix = None if m_persistent is None else self.persistent.to(x.dtype) + m_persistent
         o, attention_state = self.attention(y, None if state is None else state.attention, prefix=prefix)
         return m + o, MALState(attention_state, memory_state, prefix)
 
