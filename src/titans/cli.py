@@ -1,8 +1,8 @@
 """The ``titans`` command line (also ``python -m titans``).
 
-Subcommands: ``demo``, ``train``, ``eval``, ``generate``, ``niah``, ``inspect``, ``params``, ``data prepare`` and
-``bench``. A usage error (bad config key, missing file, corrupt checkpoint...) prints one line to stderr and exits
-with status 2; a run stopped by a non-finite loss exits with status 1.
+Subcommands: ``demo``, ``train``, ``eval``, ``generate``, ``niah``, ``inspect``, ``params``, ``data prepare``,
+``bench``, ``export-hf`` and ``import-hf``. A usage error (bad config key, missing file, corrupt checkpoint...) prints
+one line to stderr and exits with status 2; a run stopped by a non-finite loss exits with status 1.
 """
 
 from __future__ import annotations
@@ -193,6 +193,32 @@ def _generate(args: argparse.Namespace) -> int:
     if save_to is not None:
         state.save(save_to)
     print(tokenizer.decode(out) if tokenizer is not None else " ".join(map(str, out)))
+    return 0
+
+
+def _hf_convert():
+    """titans.hf.convert, or a usage error when transformers is missing; no progress bars."""
+    try:
+        from titans.hf import convert
+    except ImportError as exc:
+        raise ValueError(f"this command needs transformers ({exc}): pip install 'titans[hf]'") from None
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    return convert
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    run = _hf_convert().export_run(args.path, args.out)
+    print(f"{run.name} -> {args.out}: transformers' AutoModelForCausalLM.from_pretrained loads it after "
+          "`import titans`")
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    _hf_convert().import_run(args.hf_dir, args.out)
+    print(f"{args.hf_dir} -> {args.out}: a run directory (checkpoint step 0) for titans generate, eval, niah and "
+          "inspect")
     return 0
 
 
@@ -400,6 +426,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokens to OUT (safetensors)")
     _add_device(p)
     p.set_defaults(func=_generate)
+
+    p = command("export-hf", "write a run's model as a Hugging Face transformers directory",
+                "Write the model of a run directory's latest checkpoint (or of a checkpoint directory) to OUT, a new "
+                "or empty directory, as transformers saves it: config.json (the model config), model.safetensors, "
+                "generation_config.json. AutoModelForCausalLM.from_pretrained(OUT) loads it after `import titans`; "
+                "generate() carries the memory state as its cache. Needs pip install 'titans[hf]'.")
+    p.add_argument("path", metavar="RUN_DIR|CHECKPOINT", help="run directory (its latest checkpoint) or checkpoint "
+                                                               "directory")
+    p.add_argument("out", metavar="OUT", help="output directory, new or empty")
+    p.set_defaults(func=_export_hf)
+
+    p = command("import-hf", "make a run directory from a Hugging Face transformers directory of a Titans model",
+                "Write the Titans model of the transformers directory HF_DIR (as export-hf or save_pretrained wrote "
+                "it) to OUT, a new or empty directory, as a run directory: config.yaml (the model config; data, "
+                "training and evaluation settings at their defaults) and checkpoint step 0, for generate, eval, niah "
+                "and inspect. Needs pip install 'titans[hf]'.")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="local transformers directory of a model of type titans")
+    p.add_argument("out", metavar="OUT", help="output run directory, new or empty")
+    p.set_defaults(func=_import_hf)
 
     p = command("niah", "needle-in-a-haystack grid: accuracy by context length x needle depth",
                 "Teacher-forced exact match of the needle's answer at every context length and depth; contexts "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +47,39 @@ def atomic_write(path: str | Path, data: bytes | Callable[[Path], None]) -> None
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def check_new_dir(path: str | Path) -> Path:
+    """`path`, absolute, unless it exists as anything but an empty directory (FileExistsError)."""
+    path = Path(os.path.abspath(path))
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} already exists and is not an empty directory; give a new one")
+    return path
+
+
+def write_new_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Make the directory `path` (absent or empty) from what `write` puts into a temporary directory beside it,
+    fsynced and renamed into place: readers see all of it or nothing. A `path` holding anything is refused
+    (FileExistsError), and nothing is ever deleted but the temporary directory."""
+    path = check_new_dir(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for item in sorted(tmp.rglob("*"), reverse=True):  # files before the directories holding them
+            if item.is_dir():
+                fsync_dir(item)
+            else:
+                with open(item, "rb+") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(tmp)
+        os.replace(tmp, path)  # over an empty directory only: one that filled up meanwhile is an error
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(path.parent)
+    return path
 
 
 def sha256_file(path: str | Path) -> str:
