@@ -11,7 +11,7 @@ F64 = torch.float64
 
 def make_layer(**kwargs):
     torch.manual_seed(0)
-    defaults = dict(dim=16, heads=2, memory_depth=2, chunk_size=4)
+    defaults = dict(dim=16, memory_heads=2, memory_depth=2, chunk_size=4)
     return NeuralMemory(**{**defaults, **kwargs}).to(F64)
 
 
@@ -102,7 +102,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_layer_gradcheck():
-    layer = make_layer(dim=4, heads=1, memory_depth=2, memory_expansion=1.0, chunk_size=2)
+    layer = make_layer(dim=4, memory_heads=1, memory_depth=2, memory_expansion=1.0, chunk_size=2)
     x = torch.randn(1, 5, 4, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda inp: layer(inp)[0], (x,), eps=1e-6, atol=1e-6)
 
@@ -113,7 +113,7 @@ def test_untrained_memory_stays_alive_over_100k_tokens(depth):
     weights at 100K are within 10x of their size at 1K, both ways. (With std-1/sqrt(d) hidden layers and alpha = 1e-3
     at initialisation, depth 4 read exactly 0 from ~40K tokens on.)"""
     torch.manual_seed(0)
-    layer = NeuralMemory(dim=32, heads=2, memory_depth=depth, chunk_size=64)
+    layer = NeuralMemory(dim=32, memory_heads=2, memory_depth=depth, chunk_size=64)
     probe = torch.nn.functional.normalize(torch.randn(2, 64, 16), dim=-1)  # (batch x heads, queries, head_dim)
 
     def sizes(state):
@@ -139,7 +139,7 @@ def test_largest_step_is_stable_at_any_chunk_size(depth, chunk):
     """theta at its bound from the start: the chunk-normalised step keeps the memory bounded whatever the chunk size
     (without normalize_chunk_lr, depth 1 diverges at chunk 64 and depth 2 at chunk 16)."""
     torch.manual_seed(0)
-    layer = NeuralMemory(dim=64, heads=2, memory_depth=depth, chunk_size=chunk, init_lr=0.49)
+    layer = NeuralMemory(dim=64, memory_heads=2, memory_depth=depth, chunk_size=chunk, init_lr=0.49)
     state = None
     with torch.no_grad():
         for _ in range(4):
@@ -150,7 +150,7 @@ def test_largest_step_is_stable_at_any_chunk_size(depth, chunk):
 
 def test_state_is_fp32_under_autocast_and_output_keeps_input_dtype():
     torch.manual_seed(0)
-    layer = NeuralMemory(dim=16, heads=2, chunk_size=4)
+    layer = NeuralMemory(dim=16, memory_heads=2, chunk_size=4)
     x = torch.randn(2, 9, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, state = layer(x)
@@ -163,7 +163,7 @@ def test_state_is_fp32_under_autocast_and_output_keeps_input_dtype():
 def test_ablation_switches_remove_their_part():
     full = make_layer()
     assert full.to_momentum is not None and full.to_decay is not None and len(full.convs) == 3
-    bare = make_layer(momentum=False, forgetting=False, use_conv=False, memory_depth=1)
+    bare = make_layer(momentum=False, forgetting=False, memory_conv=False, memory_depth=1)
     assert bare.to_momentum is None and bare.to_decay is None and len(bare.convs) == 0
     assert list(bare.initial_weights) == ["w0"]
     y, state = bare(torch.randn(1, 8, 16, dtype=F64))

@@ -121,6 +121,27 @@ def test_ablation_switches_remove_their_part():
         names = [n for n, _ in TitansLM(preset("tiny", variant, num_persistent=0)).named_parameters()]
         assert not any(n.endswith("persistent") for n in names)
 
+def test_layer_arguments_take_the_config_names_and_defaults():
+    """One name and one default per knob: a layer argument fed by a TitansConfig field is named after it and
+    defaults to its value (memory_heads: None in the config means `heads`)."""
+    import dataclasses
+    import inspect
+
+    from titans.deltanet import DeltaNet
+    from titans.ops import MLPMemory
+    from titans.ttt import TTT
+
+    config = TitansConfig()
+    defaults = {**dataclasses.asdict(config), "memory_heads": config.memory_heads or config.heads}
+    for layer in (NeuralMemory, DeltaNet, TTT):
+        shared = {n: p.default for n, p in inspect.signature(layer).parameters.items()
+                  if n in defaults and p.default is not inspect.Parameter.empty}
+        assert shared and all(defaults[n] == default for n, default in shared.items()), (layer, shared)
+    assert "use_conv" not in inspect.signature(NeuralMemory).parameters
+    op = MLPMemory(dim=8)
+    assert op.shapes()["w0"][0] == NeuralMemory(8, memory_heads=1).memory.shapes()["w0"][0] == 8 * 2
+
+
 def test_baselines_are_the_published_layers():
     from titans.deltanet import DeltaNet
     from titans.ttt import TTT
@@ -130,7 +151,7 @@ def test_baselines_are_the_published_layers():
         assert all(isinstance(m, DeltaNet) and m.gated == gated and hasattr(m, "A_log") == gated for m in mixers)
     for depth, inner in ((1, "linear"), (2, "mlp")):
         mixers = [b.mixer for b in TitansLM(preset("tiny", "ttt", memory_depth=depth)).blocks]
-        assert all(isinstance(m, TTT) and m.inner == inner and m.mini_batch_size == 8 for m in mixers)
+        assert all(isinstance(m, TTT) and m.inner == inner and m.chunk_size == 8 for m in mixers)
 
 
 def test_parameter_counting_and_matching():

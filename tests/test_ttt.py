@@ -115,7 +115,7 @@ def test_op_empty_sequence():
 
 def _layer(inner="linear", conv_kernel=0, gate=True, b=4, perturb=True, seed=0):
     torch.manual_seed(seed)
-    layer = TTT(12, heads=2, inner=inner, mini_batch_size=b, gate=gate, conv_kernel=conv_kernel).to(DT)
+    layer = TTT(12, heads=2, inner=inner, chunk_size=b, gate=gate, conv_kernel=conv_kernel).to(DT)
     if perturb:  # away from the init, so that e.g. a zero bias or unit LN scale cannot hide a mistake
         with torch.no_grad():
             for prm in layer.parameters():
@@ -198,7 +198,7 @@ def test_gradients_reach_every_parameter(inner, conv_kernel, gate):
 
 def test_init_as_published():
     torch.manual_seed(0)
-    layer = TTT(256, heads=4, inner="mlp", mini_batch_size=16)
+    layer = TTT(256, heads=4, inner="mlp", chunk_size=16)
     for name in ("W1", "W2", "lr_weight", "q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
                  "g_proj.weight"):
         w = layer.get_parameter(name)
@@ -212,7 +212,7 @@ def test_init_as_published():
 
 
 def test_token_scale_clamped_at_zero():
-    layer = TTT(8, heads=1, mini_batch_size=4)
+    layer = TTT(8, heads=1, chunk_size=4)
     with torch.no_grad():
         layer.token_idx_offset.fill_(-0.6)
     scale = layer.token_scale().detach()

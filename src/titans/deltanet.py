@@ -54,7 +54,7 @@ class DeltaNet(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, gated: bool = False,
-                 conv_kernel: int = 4, chunk_size: int = 64, expand_v: float = 1.0, output_gate: bool = True,
+                 conv_kernel: int = 4, chunk_size: int = 16, expand_v: float = 1.0, output_gate: bool = True,
                  norm_eps: float = 1e-5):
         super().__init__()
         if dim < 1 or heads < 1:

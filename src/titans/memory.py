@@ -56,11 +56,14 @@ class NeuralMemory(nn.Module):
     """Neural long-term memory (LMM) over (B, T, dim) inputs; `forward(x, state) -> (y, state)`.
 
     Args:
-        dim: model width. heads / head_dim: memory heads (head_dim defaults to dim // heads).
+    Arguments fed by a `TitansConfig` field have its name and default (see there).
+
+        dim: model width. memory_heads / head_dim: memory heads (head_dim defaults to dim // memory_heads).
         memory_depth: L_M, layers of the memory MLP (1 = linear memory). memory_expansion: hidden width factor.
         chunk_size: tokens per mini-batch gradient step of the memory (Eq. 16); 1 = the plain online rule.
+        memory_activation: the memory MLP's nonlinearity. memory_residual: M(x) = x + MLP(x).
         momentum / forgetting: ablation switches for eta (Eq. 10) and alpha (Eq. 13).
-        use_conv: the depthwise convolutions after the q, k, v projections (Section 4.4).
+        memory_conv: the depthwise convolutions after the q, k, v projections (Section 4.4).
         max_lr: upper bound of the data-dependent step size theta. The inner loss has no 1/2, so for a linear memory
             with unit keys theta = 0.5 is the delta rule with beta = 1: one token overwrites its association.
             init_lr, init_momentum, init_decay: the gates' values at initialisation.
@@ -73,18 +76,19 @@ class NeuralMemory(nn.Module):
             memory for one more forward pass.
     """
 
-    def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None, memory_depth: int = 2,
-                 memory_expansion: float = 2.0, chunk_size: int = 64, activation: str = "silu",
-                 memory_residual: bool = False, momentum: bool = True, forgetting: bool = True, use_conv: bool = True,
+    def __init__(self, dim: int, memory_heads: int = 4, head_dim: int | None = None, memory_depth: int = 2,
+                 memory_expansion: float = 2.0, chunk_size: int = 16, memory_activation: str = "silu",
+                 memory_residual: bool = False, momentum: bool = True, forgetting: bool = True,
+                 memory_conv: bool = True,
                  conv_kernel: int = 4, max_lr: float = 0.5, init_lr: float = 0.25, init_momentum: float = 0.1,
                  init_decay: float = 1e-4, max_grad_norm: float | None = 100.0, normalize_chunk_lr: bool = True,
                  learn_initial_memory: bool = True, checkpoint_chunks: int = 0):
         super().__init__()
-        if dim < 1 or heads < 1:
-            raise ValueError(f"dim and heads must be positive, got dim={dim}, heads={heads}")
-        head_dim = head_dim if head_dim is not None else dim // heads
+        if dim < 1 or memory_heads < 1:
+            raise ValueError(f"dim and memory_heads must be positive, got dim={dim}, memory_heads={memory_heads}")
+        head_dim = head_dim if head_dim is not None else dim // memory_heads
         if head_dim < 1:
-            raise ValueError(f"head_dim must be positive (dim={dim}, heads={heads})")
+            raise ValueError(f"head_dim must be positive (dim={dim}, memory_heads={memory_heads})")
         if not 0 < init_lr < max_lr:
             raise ValueError(f"need 0 < init_lr < max_lr, got init_lr={init_lr}, max_lr={max_lr}")
         for name, value in (("init_momentum", init_momentum), ("init_decay", init_decay)):
@@ -92,20 +96,20 @@ class NeuralMemory(nn.Module):
                 raise ValueError(f"{name} must lie in (0, 1), got {value}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
-        self.dim, self.heads, self.head_dim, self.chunk_size = dim, heads, head_dim, chunk_size
+        self.dim, self.heads, self.head_dim, self.chunk_size = dim, memory_heads, head_dim, chunk_size
         self.max_lr, self.max_grad_norm, self.checkpoint_chunks = max_lr, max_grad_norm, checkpoint_chunks
         self.normalize_chunk_lr = normalize_chunk_lr
         self.use_momentum, self.use_forgetting = momentum, forgetting
         self.memory = MLPMemory(dim=head_dim, depth=memory_depth, hidden=max(1, round(head_dim * memory_expansion)),
-                                activation=activation, residual=memory_residual)
-        inner = heads * head_dim
+                                activation=memory_activation, residual=memory_residual)
+        inner = memory_heads * head_dim
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, inner, bias=False) for _ in range(3))
         self.convs = nn.ModuleDict(
-            {name: CausalDepthwiseConv(inner, conv_kernel) for name in ("q", "k", "v")} if use_conv else {})
+            {name: CausalDepthwiseConv(inner, conv_kernel) for name in ("q", "k", "v")} if memory_conv else {})
         # data-dependent gates, one per head and token (Section 3.1): theta, eta, alpha
-        self.to_lr = nn.Linear(dim, heads)
-        self.to_momentum = nn.Linear(dim, heads) if momentum else None
-        self.to_decay = nn.Linear(dim, heads) if forgetting else None
+        self.to_lr = nn.Linear(dim, memory_heads)
+        self.to_momentum = nn.Linear(dim, memory_heads) if momentum else None
+        self.to_decay = nn.Linear(dim, memory_heads) if forgetting else None
         for linear, value in ((self.to_lr, init_lr / max_lr), (self.to_momentum, init_momentum),
                               (self.to_decay, init_decay)):
             if linear is not None:
@@ -114,7 +118,7 @@ class NeuralMemory(nn.Module):
         # M_0, one set per head: random hidden layers and a zero last layer, so that an empty memory reads 0 (a
         # random M_0 is a fixed read path that swamps what was stored). learn_initial_memory: meta-learned by the
         # outer loop, else fixed (S_0 = 0 for a linear memory, as in DeltaNet).
-        initial = self.memory.init_params(heads)
+        initial = self.memory.init_params(memory_heads)
         initial[self.memory.names[-1]].zero_()
         self.initial_weights = nn.ParameterDict(
             {name: nn.Parameter(w, requires_grad=learn_initial_memory) for name, w in initial.items()})

@@ -29,7 +29,13 @@ TITANS_VARIANTS = ("mac", "mag", "mal", "lmm")
 
 @dataclass
 class TitansConfig:
-    """Shape of a TitansLM. Every field is a YAML key under `model:`."""
+    """Shape of a TitansLM. Every field is a YAML key under `model:`, and the layer argument it feeds has the same
+    name and default (`NeuralMemory(memory_conv=...)`).
+
+    `window` is only the attention span of `swa`, `mag` and `mal` (position t sees t - window + 1 .. t);
+    `segment_len` is only MAC's segment (Section 4.1). Neither is how many tokens a call or a streamed piece holds:
+    feeding a sequence in pieces (`eval.chunk_len`, `train.tbptt_segments`) never changes the result.
+    """
 
     variant: Variant = "mac"
     vocab_size: int = 256
@@ -39,13 +45,13 @@ class TitansConfig:
     ffn_hidden: int | None = None  # SwiGLU width; default: 8/3 * dim rounded up to a multiple of 16
     tie_embeddings: bool = False  # tied heads start from small embeddings (std 0.02), untied from std 1
     # attention
-    window: int = 64  # sliding-window size of `swa`, `mag`, `mal`
-    segment_len: int = 64  # segment size of `mac`
+    window: int = 64  # attention span of `swa`, `mag`, `mal` (nothing else)
+    segment_len: int = 64  # MAC's segment (nothing else)
     num_persistent: int = 4  # persistent memory tokens (Section 3.3); 0 disables them
     rope: bool = True
     # neural memory (Section 3.1)
     memory_depth: int = 2  # L_M; 1 is a linear memory
-    memory_expansion: float = 2.0
+    memory_expansion: float = 2.0  # hidden width of the memory MLP: memory_expansion * head_dim
     memory_heads: int | None = None  # default: heads
     chunk_size: int = 16  # tokens per memory mini-batch step (Eq. 16)
     momentum: bool = True
@@ -118,11 +124,10 @@ def preset(name: str, variant: str = "mac", **overrides) -> TitansConfig:
 
 def _memory(config: TitansConfig) -> NeuralMemory:
     return NeuralMemory(
-        config.dim, heads=config.memory_heads or config.heads, memory_depth=config.memory_depth,
+        config.dim, memory_heads=config.memory_heads or config.heads, memory_depth=config.memory_depth,
         memory_expansion=config.memory_expansion, chunk_size=config.chunk_size,
-        activation=config.memory_activation, momentum=config.momentum, forgetting=config.forgetting,
-        use_conv=config.memory_conv,
-        max_lr=config.max_lr, init_lr=config.init_lr, init_momentum=config.init_momentum,
+        memory_activation=config.memory_activation, momentum=config.momentum, forgetting=config.forgetting,
+        memory_conv=config.memory_conv, max_lr=config.max_lr, init_lr=config.init_lr, init_momentum=config.init_momentum,
         init_decay=config.init_decay, normalize_chunk_lr=config.normalize_chunk_lr,
         max_grad_norm=config.max_grad_norm, learn_initial_memory=config.learn_initial_memory)
 
@@ -144,7 +149,7 @@ def build_mixer(config: TitansConfig) -> nn.Module:
                         chunk_size=c.chunk_size, conv_kernel=4 if c.memory_conv else 0)
     if c.variant == "ttt":  # TTT-Linear (memory_depth 1) or TTT-MLP, mini-batch = chunk; Mamba-backbone short conv
         return TTT(c.dim, heads=c.memory_heads or c.heads, inner="linear" if c.memory_depth == 1 else "mlp",
-                   mini_batch_size=c.chunk_size, conv_kernel=4 if c.memory_conv else 0)
+                   chunk_size=c.chunk_size, conv_kernel=4 if c.memory_conv else 0)
     if c.variant == "mag":
         return MAGMixer(attention(c.window, c.num_persistent), _memory(c))
     if c.variant == "mal":

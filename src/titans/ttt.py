@@ -76,7 +76,7 @@ class TTT(nn.Module):
 
     Args:
         dim: model width. heads / head_dim: TTT heads (head_dim defaults to dim // heads).
-        mini_batch_size: b, tokens per inner gradient step (16 in the paper).
+        chunk_size: b, the mini-batch: tokens per inner gradient step (16 in the paper).
         base_lr: eta_base of the inner learning rate (the paper: 1.0 for TTT-Linear, 0.1 for TTT-MLP).
         rope / rope_theta: rotary embedding of q and k by position inside the mini-batch.
         gate: multiply the post-norm output by GELU(W_g x) (Mamba-backbone layer; off in the Transformer backbone).
@@ -86,7 +86,7 @@ class TTT(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None,
-                 inner: Literal["linear", "mlp"] = "linear", mini_batch_size: int = 16, base_lr: float = 1.0,
+                 inner: Literal["linear", "mlp"] = "linear", chunk_size: int = 16, base_lr: float = 1.0,
                  mlp_expansion: int = 4, rope: bool = True, rope_theta: float = 10000.0, gate: bool = True,
                  conv_kernel: int = 0, init_std: float = 0.02):
         super().__init__()
@@ -95,12 +95,12 @@ class TTT(nn.Module):
             raise ValueError(f"dim, heads and head_dim must be positive, got {dim}, {heads}, {head_dim}")
         if inner not in ("linear", "mlp"):
             raise ValueError(f"inner must be 'linear' or 'mlp', got {inner!r}")
-        if mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if rope and head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {head_dim}")
         self.dim, self.heads, self.head_dim, self.inner = dim, heads, head_dim, inner
-        self.mini_batch_size, self.base_lr, self.rope, self.rope_theta = mini_batch_size, base_lr, rope, rope_theta
+        self.chunk_size, self.base_lr, self.rope, self.rope_theta = chunk_size, base_lr, rope, rope_theta
         width = heads * head_dim
         # views theta_Q, theta_K, theta_V (and the Mamba-backbone variant's convolutions)
         self.q_proj = nn.Linear(dim, width, bias=False)
@@ -112,7 +112,7 @@ class TTT(nn.Module):
         self.lr_weight = nn.Parameter(torch.randn(heads, dim) * init_std)
         self.lr_bias = nn.Parameter(torch.zeros(heads))
         # token scale s_i = 1/i + learnable offset (clamped >= 0)
-        self.token_idx_offset = nn.Parameter(torch.zeros(mini_batch_size))
+        self.token_idx_offset = nn.Parameter(torch.zeros(chunk_size))
         # W_0 per head, and the inner LayerNorm
         hidden = mlp_expansion * head_dim if inner == "mlp" else head_dim
         self.W1 = nn.Parameter(torch.randn(heads, head_dim, hidden) * init_std)
@@ -145,7 +145,7 @@ class TTT(nn.Module):
 
     def token_scale(self, dtype: torch.dtype = torch.float32) -> Tensor:
         offset = self.token_idx_offset.to(dtype)
-        first = 1.0 / torch.arange(1, self.mini_batch_size + 1, dtype=dtype, device=offset.device)
+        first = 1.0 / torch.arange(1, self.chunk_size + 1, dtype=dtype, device=offset.device)
         return (first + offset).clamp_min(0)
 
     def _heads(self, h: Tensor) -> Tensor:  # (B, T, heads * head_dim) -> (B * heads, T, head_dim)
@@ -187,11 +187,11 @@ class TTT(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             q, k, v, lr = q.to(dtype), k.to(dtype), v.to(dtype), lr.to(dtype)
             if self.rope:  # position inside the current mini-batch
-                positions = (len(state.inner) + torch.arange(x.shape[1], device=x.device)) % self.mini_batch_size
+                positions = (len(state.inner) + torch.arange(x.shape[1], device=x.device)) % self.chunk_size
                 q, k = _rotate(q, positions, self.rope_theta), _rotate(k, positions, self.rope_theta)
             z, state.inner = ttt_scan(
                 state.inner.weights, self._rows(self.ln_weight, batch, dtype), self._rows(self.ln_bias, batch, dtype),
-                q, k, v, lr, self.token_scale(dtype), self.mini_batch_size, state=state.inner)
+                q, k, v, lr, self.token_scale(dtype), self.chunk_size, state=state.inner)
         t, width = x.shape[1], self.heads * self.head_dim
         y = z.reshape(batch, self.heads, t, self.head_dim).transpose(1, 2).reshape(batch, t, width).to(x.dtype)
         y = self.post_norm(y)

@@ -57,7 +57,7 @@ def delta_rule_reference(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_deca
 
 
 def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None = None,
-                       chunk_size: int = 64, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                       chunk_size: int = 16, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The same recurrence, chunk by chunk, through the WY/UT representation (DeltaNet Section 3; GDN Section 3.3).
 
     Within a chunk starting from state S, with G_t the cumulative log decay from the chunk start to token t and

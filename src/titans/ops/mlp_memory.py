@@ -25,7 +25,7 @@ class MLPMemory:
 
     dim: int
     depth: int = 2
-    hidden: int | None = None  # default: 4 * dim for deep memories
+    hidden: int | None = None  # default: 2 * dim, as TitansConfig.memory_expansion
     activation: str = "silu"
     residual: bool = False
 
@@ -46,7 +46,7 @@ class MLPMemory:
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """(d_out, d_in) of each layer."""
-        hidden = self.hidden if self.hidden is not None else 4 * self.dim
+        hidden = self.hidden if self.hidden is not None else 2 * self.dim
         sizes = [self.dim] + [hidden] * (self.depth - 1) + [self.dim]
         return {name: (sizes[i + 1], sizes[i]) for i, name in enumerate(self.names)}
 
