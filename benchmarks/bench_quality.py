@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from titans.batches import make_task_from_config
-from titans.config import ConfigError, RunConfig, from_dict, load_yaml, to_dict
+from titans.config import RunConfig
 from titans.evaluate import evaluate_synthetic, load_run
 from titans.model import VARIANTS, count_parameters, match_parameters
 from titans.train import train
+from titans.typed_yaml import ConfigError, from_dict, load_yaml, to_dict
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "synthetic"
 TASKS = ("recall", "pattern")

@@ -14,8 +14,10 @@ import torch
 import titans.demo
 from titans.batches import make_batches
 from titans.cli import build_parser, load_config, main
-from titans.config import RunConfig, from_dict, save_yaml
+from titans.config import RunConfig
+from titans.fileio import save_yaml
 from titans.model import VARIANTS, TitansLM, count_parameters
+from titans.typed_yaml import from_dict
 
 TINY = {
     "name": "tiny",

@@ -18,7 +18,7 @@ from titans import evaluate
 from titans.batches import Batch
 from titans.checkpoint import CheckpointError, save_checkpoint
 from titans.cli import main
-from titans.config import RunConfig, from_dict, to_dict
+from titans.config import RunConfig
 from titans.data import corpus
 from titans.data.corpus import Source, parse_gutenberg_files, prepare
 from titans.data.synthetic import NeedleTask
@@ -27,6 +27,7 @@ from titans.inspection import inspect_memory
 from titans.model import TitansConfig, TitansLM
 from titans.scoring import Scores, score_batch
 from titans.train import train
+from titans.typed_yaml import from_dict, to_dict
 
 
 def config(task: str = "pattern", **model) -> RunConfig:

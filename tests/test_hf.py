@@ -18,10 +18,12 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from titans import VARIANTS, TitansConfig, TitansLM, preset  # noqa: E402
 from titans.checkpoint import save_checkpoint  # noqa: E402
 from titans.cli import main  # noqa: E402
-from titans.config import RunConfig, save_yaml, to_dict  # noqa: E402
+from titans.config import RunConfig  # noqa: E402
 from titans.evaluate import load_run  # noqa: E402
+from titans.fileio import save_yaml  # noqa: E402
 from titans.hf import TitansCache, TitansForCausalLM, TitansHFConfig  # noqa: E402
 from titans.hf.configuration import FIELDS  # noqa: E402
+from titans.typed_yaml import to_dict  # noqa: E402
 
 VOCAB = 32
 

@@ -10,9 +10,11 @@ import safetensors.torch
 import torch
 
 from titans.cli import main
-from titans.config import RunConfig, from_dict, save_yaml
+from titans.config import RunConfig
+from titans.fileio import save_yaml
 from titans.model import TitansLM, TitansState, preset
 from titans.state import METADATA_KEY, tensors
+from titans.typed_yaml import from_dict
 
 VARIANTS = ["lmm", "mac", "mag", "mal", "swa", "transformer", "deltanet", "gated_deltanet", "ttt"]
 T, SPLIT = 45, 21  # the split falls inside a memory chunk (8), a MAC segment (16) and past the window (16)

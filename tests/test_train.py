@@ -18,11 +18,13 @@ from safetensors.torch import load_file
 import titans.train as train_module
 from titans.batches import SyntheticBatches, make_batches
 from titans.checkpoint import latest_checkpoint
-from titans.config import ConfigError, RunConfig, from_dict, save_yaml
+from titans.config import RunConfig
 from titans.data.synthetic import PatternTask
+from titans.fileio import save_yaml
 from titans.metrics import read_metrics
 from titans.model import TitansLM
 from titans.train import TrainingError, train
+from titans.typed_yaml import ConfigError, from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

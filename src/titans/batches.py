@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from titans.config import ConfigError, RunConfig
+from titans.config import RunConfig
 from titans.data.loader import IGNORE_INDEX, RandomWindows, TokenStream
 from titans.data.synthetic import SyntheticDataset, SyntheticTask, make_task
+from titans.typed_yaml import ConfigError
 
 __all__ = ["Batch", "SyntheticBatches", "TextBatches", "make_batches", "make_task_from_config",
            "text_tokenizer_name", "EVAL_SEED_OFFSET"]

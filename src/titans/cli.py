@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from titans.checkpoint import CheckpointError, CheckpointWarning
-from titans.config import ConfigError, RunConfig, apply_overrides, from_dict, load_yaml, to_dict
+from titans.config import RunConfig
 from titans.data.registry import DownloadError
 from titans.fileio import LockedError
 from titans.runtime import choose_device
+from titans.typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 __all__ = ["main", "build_parser", "load_config"]
 
@@ -42,7 +43,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), base: Ru
         raise ConfigError("no config given")
     if not overrides:
         return base
-    return from_dict(RunConfig, apply_overrides(to_dict(base), list(overrides)))
+    return from_dict(RunConfig, apply_overrides(to_dict(base), list(overrides), RunConfig))
 
 
 # ---------------------------------------------------------------------------------------------- subcommands

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from titans.batches import EVAL_SEED_OFFSET, make_task_from_config
-from titans.config import RunConfig, from_dict, to_dict
+from titans.config import RunConfig
 from titans.data.synthetic import example_rng
 from titans.evaluate import LoadedRun, evaluate_synthetic, load_run, write_json
 from titans.inspection import inspect_memory, records_as_dicts
@@ -27,6 +27,7 @@ from titans.model import TitansLM, count_parameters, match_parameters
 from titans.plots import plot_accuracy_vs_length
 from titans.runtime import seed_everything
 from titans.train import train
+from titans.typed_yaml import from_dict, to_dict
 
 __all__ = ["DEMO_CONFIG", "BASELINE", "run_demo"]
 

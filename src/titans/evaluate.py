@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from titans.batches import EVAL_SEED_OFFSET, Batch, make_task_from_config, open_text_stream, text_tokenizer_name
 from titans.checkpoint import CheckpointError, atomic_write, check_model_state, load_checkpoint, resolve_checkpoint
-from titans.config import ConfigError, RunConfig, from_dict
+from titans.config import RunConfig
 from titans.data.corpus import default_data_dir, load_manifest
 from titans.data.synthetic import NeedleTask, SyntheticDataset
 from titans.data.tokenizer import Tokenizer, load_tokenizer
@@ -32,6 +32,7 @@ from titans.model import TitansLM
 from titans.plots import plot_accuracy_vs_length, plot_needle_heatmap
 from titans.runtime import autocast_for
 from titans.scoring import Scores, score_batch
+from titans.typed_yaml import ConfigError, from_dict
 
 __all__ = ["LoadedRun", "load_run", "run_tokenizer", "evaluate_text", "evaluate_synthetic", "needle_grid",
            "eval_lm", "eval_synthetic", "eval_needle", "eval_babilong", "write_json"]

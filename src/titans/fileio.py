@@ -1,4 +1,5 @@
-"""Atomic file writes and content hashes, shared by checkpoints, configs, metrics and the data cache."""
+"""Atomic file writes (bytes and YAML configs) and content hashes, shared by checkpoints, configs, metrics and the
+data cache."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from titans.typed_yaml import dump_yaml
 
 TMP_PREFIX = ".tmp-"
 
@@ -47,6 +50,11 @@ def atomic_write(path: str | Path, data: bytes | Callable[[Path], None]) -> None
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def save_yaml(obj: Any, path: str | Path) -> None:
+    """Write a dataclass as YAML atomically (see `atomic_write`)."""
+    atomic_write(path, dump_yaml(obj).encode("utf-8"))
 
 
 def check_new_dir(path: str | Path) -> Path:

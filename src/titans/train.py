@@ -41,8 +41,8 @@ from titans.checkpoint import (
     non_finite_tensors,
     save_checkpoint,
 )
-from titans.config import ConfigError, RunConfig, load_yaml, save_yaml, to_dict
-from titans.fileio import exclusive_lock
+from titans.config import RunConfig
+from titans.fileio import exclusive_lock, save_yaml
 from titans.metrics import MetricsLogger, read_metrics
 from titans.model import TitansLM, TitansState
 from titans.optim import build_optimizer, build_scheduler
@@ -58,6 +58,7 @@ from titans.runtime import (
     seed_everything,
 )
 from titans.scoring import Scores, masked_loss_sum, score_batch
+from titans.typed_yaml import ConfigError, load_yaml, to_dict
 
 __all__ = ["TrainingError", "SegmentLoss", "train", "CONFIG_FILE", "SUMMARY_FILE", "LOCK_FILE"]
 
@@ -364,7 +365,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, *, stop_
 
     ``stop_at`` ends this session after that step with a checkpoint (to fit a time slot); resume it later.
     Under ``torchrun`` this joins the process group, trains with DDP and leaves the group at the end.
-    Raises :class:`~titans.config.ConfigError` for an unusable config or run directory and
+    Raises :class:`~titans.typed_yaml.ConfigError` for an unusable config or run directory and
     :class:`TrainingError` when the loss or the gradients stop being finite.
     """
     joined = not is_distributed()

@@ -8,12 +8,13 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from titans.checkpoint import save_checkpoint
-from titans.config import RunConfig, save_yaml, to_dict
+from titans.config import RunConfig
 from titans.evaluate import LoadedRun, load_run
-from titans.fileio import check_new_dir, write_new_dir
+from titans.fileio import check_new_dir, save_yaml, write_new_dir
 from titans.hf.configuration import TitansHFConfig
 from titans.hf.modeling import TitansForCausalLM
 from titans.train import CONFIG_FILE
+from titans.typed_yaml import to_dict
 
 
 def export_run(path: str | Path, out: str | Path) -> LoadedRun:
