@@ -121,6 +121,21 @@ def test_ablation_switches_remove_their_part():
         names = [n for n, _ in TitansLM(preset("tiny", variant, num_persistent=0)).named_parameters()]
         assert not any(n.endswith("persistent") for n in names)
 
+@pytest.mark.parametrize("variant", ["mac", "mal", "ttt"])
+def test_stream_is_one_call_in_pieces(variant):
+    from titans.model import stream
+
+    model = tiny(variant)
+    tokens = torch.randint(0, 32, (2, 41))
+    whole, whole_state = model(tokens)
+    pieces = list(stream(model, tokens, 7))
+    assert [p[0] for p in pieces] == [slice(s, s + 7) for s in range(0, 41, 7)]
+    assert torch.allclose(torch.cat([p[1] for p in pieces], 1), whole, rtol=0, atol=1e-10)
+    assert pieces[-1][2].position == whole_state.position == 41
+    with pytest.raises(ValueError, match="piece_len must be >= 1"):
+        next(stream(model, tokens, 0))
+
+
 def test_layer_arguments_take_the_config_names_and_defaults():
     """One name and one default per knob: a layer argument fed by a TitansConfig field is named after it and
     defaults to its value (memory_heads: None in the config means `heads`)."""

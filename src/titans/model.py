@@ -7,8 +7,10 @@ training code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -405,6 +407,21 @@ class TitansLM(nn.Module):
             logits, state = self(token, state)
         tokens = torch.cat([prompt] + out, dim=1)
         return (tokens, state) if return_state else tokens
+
+
+def stream(model: Callable, tokens: Tensor, piece_len: int, state: TitansState | None = None,
+           autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+           ) -> Iterator[tuple[slice, Tensor, TitansState]]:
+    """Feed tokens (B, T) to `model` (a TitansLM, or it compiled) `piece_len` tokens at a time, carrying the state
+    from `state`: yields (positions, logits, state) per piece, `positions` the piece's slice of T. The logits are
+    those of one call on all of T; only one piece's activations exist at a time. `autocast` wraps each call."""
+    if piece_len < 1:
+        raise ValueError(f"piece_len must be >= 1, got {piece_len}")
+    for start in range(0, tokens.shape[1], piece_len):
+        positions = slice(start, start + piece_len)
+        with autocast():
+            logits, state = model(tokens[:, positions], state)
+        yield positions, logits, state
 
 
 def count_parameters(config_or_model: TitansConfig | nn.Module, by_component: bool = False):

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from titans.batches import Batch
 from titans.data.loader import IGNORE_INDEX
+from titans.model import stream
 
 __all__ = ["Scores", "masked_loss_sum", "score_batch"]
 
@@ -69,17 +70,13 @@ class Scores:
 @torch.no_grad()
 def score_batch(model: nn.Module, batch: Batch, piece_len: int,
                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Scores:
-    """Stream ``batch`` through ``model`` (a :class:`~titans.model.TitansLM`) ``piece_len`` tokens at a time,
-    carrying its state, and score every position of ``loss_mask``. Only one piece's logits exist at a time."""
-    if piece_len < 1:
-        raise ValueError(f"piece_len must be >= 1, got {piece_len}")
-    state, scores = None, Scores()
+    """Stream ``batch`` through ``model`` (a :class:`~titans.model.TitansLM`) ``piece_len`` tokens at a time
+    (:func:`~titans.model.stream`) and score every position of ``loss_mask``. Only one piece's logits exist at a
+    time."""
+    scores = Scores()
     wrong = torch.zeros(batch.inputs.shape[0], dtype=torch.bool, device=batch.inputs.device)
-    for start in range(0, batch.inputs.shape[1], piece_len):
-        piece = slice(start, start + piece_len)
-        with autocast():
-            logits, state = model(batch.inputs[:, piece], state)
-        targets, mask = batch.targets[:, piece], batch.loss_mask[:, piece]
+    for positions, logits, _ in stream(model, batch.inputs, piece_len, autocast=autocast):
+        targets, mask = batch.targets[:, positions], batch.loss_mask[:, positions]
         hit = (logits.argmax(-1) == targets) & mask
         wrong |= (mask & ~hit).any(dim=1)
         scores += Scores(masked_loss_sum(logits, targets, mask).item(), int(hit.sum()), int(mask.sum()))

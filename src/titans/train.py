@@ -44,7 +44,7 @@ from titans.checkpoint import (
 from titans.config import RunConfig
 from titans.fileio import exclusive_lock, save_yaml
 from titans.metrics import MetricsLogger, read_metrics
-from titans.model import TitansLM, TitansState
+from titans.model import TitansLM, TitansState, stream
 from titans.optim import build_optimizer, build_scheduler
 from titans.plots import plot_loss_curves
 from titans.runtime import (
@@ -73,21 +73,19 @@ class TrainingError(RuntimeError):
 
 
 class SegmentLoss(nn.Module):
-    """Feeds a window of a batch through the LM in segments of ``segment_len`` tokens, carrying the state, and
+    """Feeds a window of a batch through the LM in TBPTT segments of ``piece_len`` tokens (:func:`stream`) and
     returns the summed masked cross-entropy and the state after the window. One forward of this module is followed
     by one backward, which is what DDP expects."""
 
-    def __init__(self, model: nn.Module, segment_len: int):
+    def __init__(self, model: nn.Module, piece_len: int):
         super().__init__()
-        self.model, self.segment_len = model, segment_len
+        self.model, self.piece_len = model, piece_len
 
     def forward(self, inputs: Tensor, targets: Tensor, loss_mask: Tensor,
                 state: TitansState | None = None) -> tuple[Tensor, TitansState]:
         total = inputs.new_zeros((), dtype=torch.float32)
-        for start in range(0, inputs.shape[1], self.segment_len):
-            piece = slice(start, start + self.segment_len)
-            logits, state = self.model(inputs[:, piece], state)
-            total = total + masked_loss_sum(logits, targets[:, piece], loss_mask[:, piece])
+        for positions, logits, state in stream(self.model, inputs, self.piece_len, state):
+            total = total + masked_loss_sum(logits, targets[:, positions], loss_mask[:, positions])
         return total, state
 
 
@@ -190,14 +188,13 @@ class _Trainer:
         """Forward and backward every window of every micro-batch; the gradient is that of the global mean loss.
         Returns this rank's summed loss. Gradients are synchronised across ranks in the last backward only."""
         cfg = self.config.train
-        segment_len = cfg.seq_len // cfg.tbptt_segments
-        window_len = segment_len * (cfg.tbptt_horizon or cfg.tbptt_segments)
+        horizon_len = cfg.seq_len // cfg.tbptt_segments * (cfg.tbptt_horizon or cfg.tbptt_segments)
         total = torch.zeros((), dtype=torch.float64, device=self.info.device)
         for i, batch in enumerate(micro_batches):
             state = None
-            for start in range(0, cfg.seq_len, window_len):
-                last = i == len(micro_batches) - 1 and start + window_len >= cfg.seq_len
-                piece = slice(start, start + window_len)
+            for start in range(0, cfg.seq_len, horizon_len):
+                last = i == len(micro_batches) - 1 and start + horizon_len >= cfg.seq_len
+                piece = slice(start, start + horizon_len)
                 sync = contextlib.nullcontext() if last or self.info.world_size == 1 else self.forward.no_sync()
                 with sync:
                     with self.autocast():
