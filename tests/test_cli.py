@@ -74,7 +74,7 @@ def test_round_trip(tmp_path, capsys, config_file):
 
     code, out, _ = run(capsys, "inspect", run_dir, "--length", "40")
     report = json.loads((run_dir / "inspect" / "memory.json").read_text())
-    assert code == 0 and report["segment_len"] == 8 and len(report["records"]) == 5 * 2  # 5 segments x 2 layers
+    assert code == 0 and report["piece_len"] == 8 and len(report["records"]) == 5 * 2  # 5 pieces x 2 layers
     assert (run_dir / "inspect" / "memory.png").is_file()
 
     code, out, _ = run(capsys, "params", config_file, "--set", "model.variant=lmm")
@@ -249,7 +249,7 @@ def trained_run(tmp_path_factory) -> Path:
     (["eval", "RUN", "--task", "needle", "--depths", "1.5"], "--depths must lie in [0, 1], got 1.5"),
     (["eval", "RUN", "--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
     (["niah", "RUN", "--samples", "0"], "--samples must be >= 1, got 0"),
-    (["inspect", "RUN", "--segment-len", "0"], "--segment-len must be >= 1, got 0"),
+    (["inspect", "RUN", "--piece-len", "0"], "--piece-len must be >= 1, got 0"),
     (["inspect", "RUN", "--length", "-4"], "--length must be >= 1, got -4"),
     (["train", "RUN", "--stop-at", "-1"], "--stop-at must be >= 0, got -1"),
     (["demo", "--steps", "0"], "--steps must be >= 1, got 0"),

@@ -214,24 +214,24 @@ def test_text_run_trains_evaluates_and_generates(tmp_path, text_corpus, capsys):
 
 # ------------------------------------------------------------------------------------------------ memory
 @pytest.mark.parametrize("variant", ["mac", "lmm"])
-def test_memory_learns_each_segment_it_reads(variant):
+def test_memory_learns_each_piece_it_reads(variant):
     torch.manual_seed(0)
     model = TitansLM(TitansConfig(variant=variant, vocab_size=16, dim=64, layers=2, heads=2, segment_len=8,
                                   chunk_size=4, num_persistent=2)).eval()
-    records = inspect_memory(model, torch.randint(0, 16, (30,)), segment_len=8)
-    assert [(r.segment, r.layer) for r in records] == [(s, layer) for s in range(4) for layer in range(2)]
+    records = inspect_memory(model, torch.randint(0, 16, (30,)), piece_len=8)
+    assert [(r.piece, r.layer) for r in records] == [(p, layer) for p in range(4) for layer in range(2)]
     assert [r.tokens for r in records if r.layer == 0] == ([8, 8, 8, 6] if variant == "mac" else [10, 8, 8, 6])
     assert all(r.inner_loss_after < r.inner_loss_before and r.weight_change > 0 for r in records)
 
 
 def test_memory_weight_change_matches_the_state():
-    """Segment 0's weight change equals the distance between M_0 and the weights in the state after it."""
+    """Piece 0's weight change equals the distance between M_0 and the weights in the state after it."""
     from titans.ops import current_weights
 
     torch.manual_seed(0)
     model = TitansLM(TitansConfig(variant="lmm", vocab_size=16, dim=16, layers=1, heads=2, chunk_size=4)).eval()
     tokens = torch.randint(0, 16, (1, 12))
-    record = inspect_memory(model, tokens, segment_len=12)[0]
+    record = inspect_memory(model, tokens, piece_len=12)[0]
     memory = model.blocks[0].mixer.memory
     with torch.no_grad():
         _, state = model(tokens)

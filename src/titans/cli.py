@@ -227,6 +227,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from titans import evaluate, inspection
     from titans.batches import EVAL_SEED_OFFSET, make_task_from_config
     from titans.data.synthetic import example_rng
+    from titans.plots import plot_inspection
 
     run = evaluate.load_run(args.path, choose_device(args.device))
     out = _writable(Path(args.out) if args.out else run.run_dir / "inspect")
@@ -247,22 +248,22 @@ def _inspect(args: argparse.Namespace) -> int:
         task = make_task_from_config(config, seq_len=None if config.data.task == "copy" else args.length)
         ids = task.generate(example_rng(config.train.seed + EVAL_SEED_OFFSET, 0))["inputs"].tolist()
         source = f"a held-out {config.data.task} example"
-    segment_len = args.segment_len or config.model.segment_len
+    piece_len = args.piece_len or config.model.segment_len
     tokens = torch.tensor(ids, dtype=torch.long, device=run.device)
-    records = inspection.inspect_memory(run.model, tokens, segment_len)
+    records = inspection.inspect_memory(run.model, tokens, piece_len)
     plot = out / "memory.png"
-    inspection.plot_inspection(records, plot, f"{run.name}: test-time learning of the memory")
+    plot_inspection(records, plot, f"{run.name}: test-time learning of the memory")
     evaluate.write_json(out / "memory.json", {"run": run.name, "checkpoint": str(run.checkpoint), "source": source,
-                                     "tokens": len(ids), "segment_len": segment_len,
+                                     "tokens": len(ids), "piece_len": piece_len,
                                      "records": inspection.records_as_dicts(records)})
-    print(f"{run.name}: {len(ids)} tokens of {source}, segments of {segment_len}")
-    print(f"  {'segment':>7} {'layer':>5} {'tokens':>6} {'|dW|/|W|':>9} {'loss before':>12} {'loss after':>11} "
+    print(f"{run.name}: {len(ids)} tokens of {source}, pieces of {piece_len}")
+    print(f"  {'piece':>7} {'layer':>5} {'tokens':>6} {'|dW|/|W|':>9} {'loss before':>12} {'loss after':>11} "
           f"{'theta':>7} {'eta':>6} {'alpha':>8} {'surprise':>9} {'clip':>5}")
     for r in records:
-        print(f"  {r.segment:>7} {r.layer:>5} {r.tokens:>6} {r.weight_change:>9.4f} {r.inner_loss_before:>12.4f} "
+        print(f"  {r.piece:>7} {r.layer:>5} {r.tokens:>6} {r.weight_change:>9.4f} {r.inner_loss_before:>12.4f} "
               f"{r.inner_loss_after:>11.4f} {r.mean('theta'):>7.4f} {r.mean('eta'):>6.3f} {r.mean('alpha'):>8.2e} "
               f"{r.mean('surprise'):>9.4f} {r.mean('clip'):>5.2f}")
-    print(f"  inner loss ||M(k) - v||^2 on each segment, before and after the memory stored it; gates and surprise "
+    print(f"  inner loss ||M(k) - v||^2 on each piece, before and after the memory stored it; gates and surprise "
           f"averaged over heads and tokens (per token and head in the JSON) -> {plot} and {out / 'memory.json'}")
     return 0
 
@@ -316,7 +317,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- flag values
 _AT_LEAST = {"max_new_tokens": 0, "stop_at": 0, "top_k": 1, "samples": 1, "lengths": 1, "max_tokens": 1,
-             "segment_len": 1, "length": 1, "steps": 1, "threads": 1}
+             "piece_len": 1, "length": 1, "steps": 1, "threads": 1}
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -460,9 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.set_defaults(func=_niah)
 
-    p = command("inspect", "show the memory learning at test time, segment by segment",
-                "Feed one sequence segment by segment and report, for every memory layer, the relative change of "
-                "the memory weights and the inner loss ||M(k) - v||^2 on the segment before and after the memory "
+    p = command("inspect", "show the memory learning at test time, piece by piece",
+                "Stream one sequence piece by piece and report, for every memory layer, the relative change of "
+                "the memory weights and the inner loss ||M(k) - v||^2 on the piece before and after the memory "
                 "stored it. Writes memory.json and memory.png to OUT (default: RUN_DIR/inspect).")
     p.add_argument("path", metavar="CHECKPOINT", help="checkpoint directory or run directory")
     source = p.add_mutually_exclusive_group()
@@ -471,8 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, metavar="N",
                    help="tokens of the default sequence, a held-out example of the run's task (not copy, whose "
                         "length is fixed) or the start of the validation text (default: the training length)")
-    p.add_argument("--segment-len", type=int, metavar="N",
-                   help="tokens per segment (default: the model's segment_len)")
+    p.add_argument("--piece-len", type=int, metavar="N",
+                   help="tokens per piece (default: the model's segment_len)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/inspect)")
     _add_device(p)
     p.set_defaults(func=_inspect)

@@ -7,7 +7,7 @@ Section 4.3): no attention at all, so every look further back than its 4-token c
 The baseline is sliding-window attention with a window of 8 tokens and the same number of parameters, trained the
 same way: it can copy only the patterns that fit in its window. Both are scored on held-out sequences at the
 training length and at 4x and 16x that length, before and after training, and the memory's inner loss is shown
-dropping as it stores each segment.
+dropping as it stores each piece.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def _report(results: dict, titans: RunConfig) -> None:
                     f"{_percent(final['swa']).strip()}: it can copy only the patterns that fit in its window")
     print(f"  -> {verdict}")
     print("\nthe memory at test time (Titans LMM, one held-out sequence): inner loss ||M(k) - v||^2 of each "
-          f"{titans.model.segment_len}-token segment, before -> after the memory stored it:")
+          f"{titans.model.segment_len}-token piece, before -> after the memory stored it:")
     for layer in sorted({r["layer"] for r in results["memory"]}):
         steps = [f"{r['inner_loss_before']:.2f}->{r['inner_loss_after']:.2f}" for r in results["memory"]
                  if r["layer"] == layer]

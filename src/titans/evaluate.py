@@ -19,8 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from titans.batches import EVAL_SEED_OFFSET, Batch, make_task_from_config, open_text_stream, text_tokenizer_name
 from titans.checkpoint import CheckpointError, atomic_write, check_model_state, load_checkpoint, resolve_checkpoint
@@ -28,8 +26,8 @@ from titans.config import RunConfig
 from titans.data.corpus import default_data_dir, load_manifest
 from titans.data.synthetic import NeedleTask, SyntheticDataset
 from titans.data.tokenizer import Tokenizer, load_tokenizer
-from titans.model import TitansLM
-from titans.plots import plot_accuracy_vs_length, plot_needle_heatmap
+from titans.model import TitansLM, stream
+from titans.plots import plot_accuracy_vs_length, plot_loss_by_position, plot_needle_heatmap
 from titans.runtime import autocast_for
 from titans.scoring import Scores, score_batch
 from titans.typed_yaml import ConfigError, from_dict
@@ -132,24 +130,20 @@ def evaluate_text(run: LoadedRun, *, split: str = "validation", seq_len: int | N
         raise ValueError(f"perplexity needs a text run; {run.run_dir} was trained on the {config.data.task} task")
     seq_len = seq_len or config.train.seq_len
     batch_size = batch_size or config.eval.batch_size
-    stream = open_text_stream(config, split)
-    windows = (len(stream) - 1) // seq_len
+    text = open_text_stream(config, split)
+    windows = (len(text) - 1) // seq_len
     if max_tokens is not None:
         windows = min(windows, max(1, max_tokens // seq_len))
     if windows < 1:
-        raise ValueError(f"the {split} split ({len(stream)} tokens) is shorter than one window of {seq_len}")
-    tokens = torch.from_numpy(np.asarray(stream.tokens[:windows * seq_len + 1], dtype=np.int64))
+        raise ValueError(f"the {split} split ({len(text)} tokens) is shorter than one window of {seq_len}")
+    tokens = torch.from_numpy(np.asarray(text.tokens[:windows * seq_len + 1], dtype=np.int64))
     loss_by_position = torch.zeros(seq_len, dtype=torch.float64)
     for first in range(0, windows, batch_size):
         rows = range(first, min(first + batch_size, windows))
         x = torch.stack([tokens[r * seq_len:(r + 1) * seq_len + 1] for r in rows]).to(run.device)
-        state = None
-        for start in range(0, seq_len, config.eval.chunk_len):
-            piece = slice(start, start + config.eval.chunk_len)
-            with run.autocast():
-                logits, state = run.model(x[:, :-1][:, piece], state)
-            loss = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:][:, piece], reduction="none")
-            loss_by_position[piece] += loss.sum(0).double().cpu()
+        for positions, logits, _ in stream(run.model, x[:, :-1], config.eval.chunk_len, autocast=run.autocast):
+            loss = F.cross_entropy(logits.float().transpose(1, 2), x[:, 1:][:, positions], reduction="none")
+            loss_by_position[positions] += loss.sum(0).double().cpu()
     predicted = windows * seq_len
     loss = float(loss_by_position.sum()) / predicted
     manifest = load_manifest(Path(config.data.data_dir) if config.data.data_dir else None)
@@ -161,28 +155,12 @@ def evaluate_text(run: LoadedRun, *, split: str = "validation", seq_len: int | N
             "bits_per_byte": bits / bytes_per_token, "loss_by_position": (loss_by_position / windows).tolist()}
 
 
-def _plot_loss_by_position(result: dict, path: Path, title: str) -> None:
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    losses = np.asarray(result["loss_by_position"])
-    width = max(1, len(losses) // 64)  # average over buckets so that the curve is readable
-    usable = len(losses) // width * width
-    ax.plot(np.arange(usable).reshape(-1, width).mean(1), losses[:usable].reshape(-1, width).mean(1))
-    ax.set_xlabel("position in the context window")
-    ax.set_ylabel("loss (nats)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-
-
 def eval_lm(run: LoadedRun, out_dir: str | Path, **kwargs) -> dict:
     """:func:`evaluate_text`, written to ``lm_<split>.json`` and a loss-by-position plot ``lm_<split>.png``."""
     result = {"run": run.name, "checkpoint": str(run.checkpoint), **evaluate_text(run, **kwargs)}
     out = Path(out_dir) / f"lm_{result['split']}"
-    _plot_loss_by_position(result, out.with_suffix(".png"), f"{run.name}: {result['split']} loss by position "
-                                                            f"(bpb {result['bits_per_byte']:.3f})")
+    plot_loss_by_position(result["loss_by_position"], out.with_suffix(".png"),
+                          f"{run.name}: {result['split']} loss by position (bpb {result['bits_per_byte']:.3f})")
     write_json(out.with_suffix(".json"), result)
     return result
 

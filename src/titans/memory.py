@@ -10,13 +10,15 @@ gradients of the training loss flow through every inner update. Why each bound a
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from .ops import MemoryState, MLPMemory, current_weights, memory_scan, surprise_norms
+from .ops import MemoryState, MLPMemory, Params, current_weights, memory_scan, surprise_norms
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -198,12 +200,11 @@ class NeuralMemory(nn.Module):
         at the weights the state holds now (`surprise`) and the factor surprise clipping applies to it (`clip`, 1
         when off). The state is not advanced. The signals that show a memory that cannot learn: theta too small to
         overwrite, eta saturated at 1 (momentum as an accumulator), alpha wiping the memory, clipping on every token."""
-        dtype, state = self._begin(x, state)
-        k, v = (self._project(x, name, state, name).to(dtype) for name in ("k", "v"))
+        _, state = self._begin(x, state)
+        k, v = self.associations(x, state)
         gates = [self._gate(linear, x) for linear in (self.to_lr, self.to_momentum, self.to_decay)]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            weights = current_weights(self.memory, state.memory, self.max_grad_norm, self.normalize_chunk_lr)
-            surprise = surprise_norms(self.memory, weights, k, v)
+            surprise = surprise_norms(self.memory, self.weights(state), k, v)
         clip = torch.ones_like(surprise) if self.max_grad_norm is None else \
             (self.max_grad_norm / surprise.clamp(min=torch.finfo(surprise.dtype).tiny)).clamp(max=1)
         zero = torch.zeros_like(surprise)
@@ -219,6 +220,33 @@ class NeuralMemory(nn.Module):
             return x.new_zeros(x.shape), state
         q = self._project(x, "q", state, "retrieve_q")
         with torch.autocast(device_type=x.device.type, enabled=False):
-            weights = current_weights(self.memory, state.memory, self.max_grad_norm, self.normalize_chunk_lr)
-            retrieved = self.memory(weights, q.to(dtype))
+            retrieved = self.memory(self.weights(state), q.to(dtype))
         return self._output(retrieved, x), state
+
+    def associations(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, Tensor]:
+        """The keys and values storing x would write, each (B * heads, T, head_dim) in the memory's dtype (keys
+        L2-normalised). The state is not advanced."""
+        dtype, state = self._begin(x, state)
+        k, v = (self._project(x, name, state, name).to(dtype) for name in ("k", "v"))
+        return k, v
+
+    def weights(self, state: NeuralMemoryState) -> Params:
+        """The memory's weights after every token `state` holds (its partial chunk folded in), per (batch, head) row:
+        what a read sees. Outside autocast."""
+        return current_weights(self.memory, state.memory, self.max_grad_norm, self.normalize_chunk_lr)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[tuple[Tensor, NeuralMemoryState, NeuralMemoryState]]]:
+        """Within the block, every storing call appends (x, state before, state after) to the list it yields."""
+        calls = []
+
+        def record(memory: NeuralMemory, args: tuple, kwargs: dict, output: tuple) -> None:
+            x, before = args[0], args[1] if len(args) > 1 else kwargs.get("state")
+            calls.append((x, before if before is not None else self.initial_state(x.shape[0], self._op_dtype(x)),
+                          output[1]))
+
+        handle = self.register_forward_hook(record, with_kwargs=True)
+        try:
+            yield calls
+        finally:
+            handle.remove()

@@ -1,4 +1,5 @@
-"""PNG plots of a run: loss curves, the needle-in-a-haystack grid and accuracy versus context length.
+"""PNG plots of a run: loss curves, loss by position, the needle-in-a-haystack grid, accuracy versus context length
+and the memory's test-time learning (`titans inspect`). The only module that draws.
 
 Figures are drawn with matplotlib's object API on an Agg canvas: no display is needed and the
 global pyplot backend is left alone. Each function saves the figure and returns it.
@@ -14,7 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_accuracy_vs_length", "plot_loss_curves", "plot_needle_heatmap"]
+__all__ = ["plot_accuracy_vs_length", "plot_inspection", "plot_loss_by_position", "plot_loss_curves",
+           "plot_needle_heatmap"]
 
 
 def _save(fig: Figure, path: str | Path) -> Figure:
@@ -91,4 +93,44 @@ def plot_accuracy_vs_length(results: Mapping[str, Mapping[int, float]], path: st
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def plot_loss_by_position(losses: Sequence[float], path: str | Path, title: str) -> Figure:
+    """Mean loss at each position of the context window, averaged over buckets so that the curve is readable."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    losses = np.asarray(losses)
+    width = max(1, len(losses) // 64)
+    usable = len(losses) // width * width
+    ax.plot(np.arange(usable).reshape(-1, width).mean(1), losses[:usable].reshape(-1, width).mean(1))
+    ax.set_xlabel("position in the context window")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_inspection(records: Sequence, path: str | Path, title: str) -> Figure:
+    """Inner loss before/after each piece, the relative weight change and the mean gates, one line per memory layer
+    (``records``: :class:`titans.inspection.PieceRecord`)."""
+    fig = Figure(figsize=(16, 4.2))
+    loss_ax, change_ax, signal_ax = fig.subplots(1, 3)
+    for layer in sorted({r.layer for r in records}):
+        rows = [r for r in records if r.layer == layer]
+        pieces = [r.piece for r in rows]
+        line, = loss_ax.plot(pieces, [r.inner_loss_before for r in rows], marker="o", label=f"layer {layer} before")
+        loss_ax.plot(pieces, [r.inner_loss_after for r in rows], marker="o", linestyle="--", color=line.get_color(),
+                     label=f"layer {layer} after")
+        change_ax.plot(pieces, [r.weight_change for r in rows], marker="o", label=f"layer {layer}")
+        for signal, style in (("theta", "-"), ("eta", "--"), ("alpha", ":")):
+            signal_ax.plot(pieces, [r.mean(signal) for r in rows], marker="o", linestyle=style,
+                           color=line.get_color(), label=f"layer {layer} {signal}")
+    loss_ax.set(xlabel="piece", ylabel="inner loss ||M(k) - v||^2", title="before vs after storing the piece")
+    change_ax.set(xlabel="piece", ylabel="||dW|| / ||W||", title="memory weight change per piece")
+    signal_ax.set(xlabel="piece", ylabel="mean over heads and tokens", title="step size, momentum, forgetting")
+    for ax in (loss_ax, change_ax, signal_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
     return _save(fig, path)
