@@ -125,3 +125,15 @@ def test_schedule_rejects_bad_settings():
         WarmupCosine(warmup_steps=0, total_steps=0, min_lr_ratio=0.1)
     with pytest.raises(ValueError, match="min_lr_ratio"):
         WarmupCosine(warmup_steps=0, total_steps=5, min_lr_ratio=1.5)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+def test_persistent_tokens_and_initial_memory_are_not_decayed(variant):
+    from titans.model import TitansLM, preset
+
+    model = TitansLM(preset("tiny", variant)).to(torch.float64)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, undecayed = ({names[id(p)] for p in g["params"]} for g in param_groups(model, weight_decay=0.1))
+    marked = {n for n in names.values() if n.endswith("persistent") or ".initial_weights." in n}
+    assert marked and marked <= undecayed and not marked & decayed
+    assert any(n.endswith("to_q.weight") for n in decayed)

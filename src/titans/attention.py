@@ -17,10 +17,15 @@ from torch import Tensor, nn
 def persistent_tokens(num: int, dim: int) -> nn.Parameter | None:
     """Persistent memory (Section 3.3): `num` learnable, input-independent tokens in input space, at the scale of a
     normalised input; None when num is 0. Every variant makes its tokens here and keeps them under the attribute (and
-    state-dict key) `persistent`."""
+    state-dict key) `persistent`. Marked `no_weight_decay` (see titans.optim.param_groups): decay would pull the
+    learned tokens to 0."""
     if num < 0:
         raise ValueError(f"num_persistent must be >= 0, got {num}")
-    return nn.Parameter(torch.randn(num, dim)) if num else None
+    if not num:
+        return None
+    tokens = nn.Parameter(torch.randn(num, dim))
+    tokens.no_weight_decay = True
+    return tokens
 
 
 def prepend_persistent(tokens: Tensor | None, x: Tensor) -> Tensor:

@@ -25,7 +25,8 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     weight_decay: float = 0.1
-    """Decoupled weight decay on matrices; biases, norms, embeddings and 1-D parameters get none."""
+    """Decoupled weight decay on matrices; biases, norms, embeddings, 1-D parameters, persistent tokens and the
+    memory's M_0 get none."""
     warmup_steps: int = 100
     """Optimizer steps of linear warmup from lr/warmup_steps to lr."""
     min_lr_ratio: float = 0.1

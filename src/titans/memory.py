@@ -119,11 +119,14 @@ class NeuralMemory(nn.Module):
                 nn.init.constant_(linear.bias, _logit(value))
         # M_0, one set per head: random hidden layers and a zero last layer, so that an empty memory reads 0 (a
         # random M_0 is a fixed read path that swamps what was stored). learn_initial_memory: meta-learned by the
-        # outer loop, else fixed (S_0 = 0 for a linear memory, as in DeltaNet).
+        # outer loop, else fixed (S_0 = 0 for a linear memory, as in DeltaNet). No weight decay: M_0 is a state, and
+        # decay would pull its random hidden layers to 0.
         initial = self.memory.init_params(memory_heads)
         initial[self.memory.names[-1]].zero_()
         self.initial_weights = nn.ParameterDict(
             {name: nn.Parameter(w, requires_grad=learn_initial_memory) for name, w in initial.items()})
+        for w in self.initial_weights.values():
+            w.no_weight_decay = True
         # output: per-head norm, gate from a linear map of x, projection (Section 4.4)
         self.norm = nn.RMSNorm(head_dim)
         self.to_gate = nn.Linear(dim, inner, bias=False)
