@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import runpy
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,15 @@ def test_every_size_has_every_variant():
     assert {p.stem for p in CONFIGS.glob("synthetic/*.yaml")} == {"copy", "pattern", "needle", "recall"}
     for size in TARGETS:
         assert {p.stem for p in (CONFIGS / "lm" / size).glob("*.yaml")} == set(VARIANTS)
+
+
+@pytest.mark.parametrize("size", TARGETS)
+def test_lm_configs_are_current(size):
+    """configs/lm/<size>/*.yaml are what configs/lm/generate.py writes: rerun it after changing a preset."""
+    render = runpy.run_path(str(CONFIGS / "lm" / "generate.py"))["render"]
+    for variant in VARIANTS:
+        path = CONFIGS / "lm" / size / f"{variant}.yaml"
+        assert path.read_text(encoding="utf-8") == render(size, variant), f"{path} is stale"
 
 
 # ---------------------------------------------------------------------------- run names and one writer per run
