@@ -188,17 +188,14 @@ def test_yaml_duplicate_keys_and_aliases_are_refused(tmp_path, text, message):
     assert "\n" not in str(err.value) and "hostile.yaml" in str(err.value)
 
 
-def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
-    import time
-
+def test_yaml_alias_bomb_is_refused(tmp_path):
+    """Refused at the first alias, before any expansion (its time: benchmarks/bench_latency.py)."""
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
     path = tmp_path / "bomb.yaml"
     path.write_text("model:\n  dim: 64\ndata:\n  kwargs:\n" + "".join(f"    {line}\n" for line in lines))
-    start = time.perf_counter()
-    with pytest.raises(ConfigError, match="YAML aliases are not allowed"):
+    with pytest.raises(ConfigError, match=r"YAML aliases are not allowed \(\*a0, line 6\)"):
         load_yaml(path, StandInRun)
-    assert time.perf_counter() - start < 1
 
 
 def test_invalid_yaml_is_one_line(tmp_path):

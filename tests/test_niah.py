@@ -1,7 +1,6 @@
 """S-NIAH: RULER's prompt format, lengths exact in tokens, needle depth, determinism, scoring."""
 
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -123,9 +122,7 @@ def test_grid_covers_lengths_by_depths():
 
 def test_million_token_prompt_is_practical():
     gen = make("niah_single_2", ByteTokenizer())
-    start = time.perf_counter()
-    s = gen.sample(1_000_000, depth=33, seed=0)
-    assert time.perf_counter() - start < 5
+    s = gen.sample(1_000_000, depth=33, seed=0)  # its time: benchmarks/bench_latency.py
     assert 1_000_000 - gen.haystack.max_unit_tokens <= s.prompt_length + 128 <= 1_000_000
     assert abs(s.needle_depth - 0.33) < 1e-3
     assert len(s.input.encode()) + len(s.answer_prefix.encode()) == s.prompt_length
