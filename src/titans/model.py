@@ -129,8 +129,8 @@ def _memory(config: TitansConfig) -> NeuralMemory:
         config.dim, memory_heads=config.memory_heads or config.heads, memory_depth=config.memory_depth,
         memory_expansion=config.memory_expansion, chunk_size=config.chunk_size,
         memory_activation=config.memory_activation, momentum=config.momentum, forgetting=config.forgetting,
-        memory_conv=config.memory_conv, max_lr=config.max_lr, init_lr=config.init_lr, init_momentum=config.init_momentum,
-        init_decay=config.init_decay, normalize_chunk_lr=config.normalize_chunk_lr,
+        memory_conv=config.memory_conv, max_lr=config.max_lr, init_lr=config.init_lr,
+        init_momentum=config.init_momentum, init_decay=config.init_decay, normalize_chunk_lr=config.normalize_chunk_lr,
         max_grad_norm=config.max_grad_norm, learn_initial_memory=config.learn_initial_memory)
 
 

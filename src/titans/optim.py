@@ -21,7 +21,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
     No decay for: biases, 1-D parameters, parameters of embeddings and norm layers (a weight tied
     between an embedding and an output layer counts as an embedding), and parameters marked with
-    ``param.no_weight_decay = True`` (persistent tokens, the memory's M_0, DeltaNet's decay parameters). Empty groups are dropped.
+    ``param.no_weight_decay = True`` (persistent tokens, the memory's M_0, DeltaNet's decay parameters). Empty
+    groups are dropped.
     """
     no_decay: set[int] = set()
     for module in model.modules():
