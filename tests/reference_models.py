@@ -282,28 +282,28 @@ def _mac_attention(mixer, config, segment: Tensor, h: Tensor) -> Tensor:
 
 
 def mac_reference(mixer, config, x: Tensor) -> Tensor:
-    """MAC (Eqs. 21-25), segment by segment (segments of segment_len tokens):
+    """MAC (Eqs. 21-25) with the residual of Section 4.4, segment by segment (segments of segment_len tokens):
         h = M*_{t-1}(q)        read with the segment's queries (the read path's own convolution, over x) from the
-                               memory as it was at the segment start: M_0 after storing every earlier y;
+                               memory as it was at the segment start: M_0 after storing every earlier z;
         y = Attn([p] || h || S);
-        M_t = M_{t-1} after storing y (the store path runs over the sequence of y);
-        o = RMSNorm_y(y) * sigmoid(RMSNorm_m(M*_t(y)))    token i's read of M*_t(y_i) sees the memory after y_i.
+        M_t = M_{t-1} after storing z = RMSNorm(S + y) (no weight; the store path runs over the sequence of z);
+        o = RMSNorm_m(M*_t(z)) * sigmoid(RMSNorm_y(y))    token i's read of M*_t(z_i) sees the memory after z_i.
     """
     memory, batch, length = mixer.memory, x.shape[0], x.shape[1]
     read_q = _memory_view(memory, config, x, "q")  # (B * H, T, d): queries of the read path, conv over x
     weights = _memory_rows(memory, config, batch)  # M_0
-    ys, outputs = [], []
+    stored, outputs = [], []
     g = mixer.gate
     for start in range(0, length, config.segment_len):
         segment = x[:, start:start + config.segment_len]
         end = start + segment.shape[1]
         h = _memory_output(memory, config, _mlp(memory, weights, read_q[:, start:end]), segment)
         y = _mac_attention(mixer, config, segment, h)
-        ys.append(y)
-        m, weights = memory_reference(memory, config, torch.cat(ys, 1))  # store every y so far from M_0
+        stored.append(rms_norm(segment + y, 1.0))
+        m, weights = memory_reference(memory, config, torch.cat(stored, 1))  # store every z so far from M_0
         m = m[:, start:end]
-        outputs.append(rms_norm(y, g.norm_attention.weight, g.norm_attention.eps)
-                       * sigmoid(rms_norm(m, g.norm_memory.weight, g.norm_memory.eps)))
+        outputs.append(rms_norm(m, g.norm_memory.weight, g.norm_memory.eps)
+                       * sigmoid(rms_norm(y, g.norm_attention.weight, g.norm_attention.eps)))
     return torch.cat(outputs, 1)
 
 

@@ -30,13 +30,22 @@ def test_mag_output_is_the_memory_gated_by_attention():
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
-def test_mac_output_is_attention_gated_by_the_memory():
-    """MAC (Eq. 25): o = y (x) M*_t(y), the attention output (which has read the memory's h) gated by the memory."""
+def test_mac_stores_the_residual_stream_and_gates_the_memory_by_attention():
+    """MAC (Eqs. 24-25 with the residual of Section 4.4): one whole segment, M_t = M_{t-1}.store(z) with
+    z = RMSNorm(x + y) and o = norm(M*_t(z)) * sigmoid(norm(y)), where y is the attention output; checked by feeding
+    the mixer's own y back through the memory."""
     torch.manual_seed(0)
-    gate = TitansLM(preset("tiny", "mac", vocab_size=32)).blocks[0].mixer.gate
-    y, m = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    mixer = TitansLM(preset("tiny", "mac", vocab_size=32)).to(F64).blocks[0].mixer
+    x = torch.randn(2, mixer.segment_len, mixer.dim, dtype=F64)
+    captured = {}
+    mixer.out.register_forward_hook(lambda module, args, out: captured.setdefault("y", out))
+    gate = mixer.gate
     with torch.no_grad():
         gate.norm_memory.weight.uniform_(0.5, 1.5)
         gate.norm_attention.weight.uniform_(0.5, 1.5)
-        torch.testing.assert_close(gate(y, m), _rms_norm(y, gate.norm_attention) * torch.sigmoid(
-            _rms_norm(m, gate.norm_memory)))
+        out, _ = mixer(x)
+        y = captured["y"]
+        z = (x + y) * torch.rsqrt((x + y).pow(2).mean(-1, keepdim=True) + torch.finfo(F64).eps)
+        m = mixer.memory(z)[0]
+        expected = _rms_norm(m, gate.norm_memory) * torch.sigmoid(_rms_norm(y, gate.norm_attention))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)

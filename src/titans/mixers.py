@@ -18,23 +18,19 @@ from .ops import MemoryState
 
 
 class MemoryGate(nn.Module):
-    """o = y (x) M of MAC and MAG (Sections 4.1-4.2): each branch normalised with learnable vector-valued weights;
-    one branch carries the content, the other gates it through a sigmoid. `content` names the content branch:
-    "memory" for MAG, whose memory reaches the output only here (with attention content, MAG answered what its window
-    sees and never learned to use its memory: MQAR answers beyond the window 13% against 91-98%, docs/memory.md);
-    "attention" for MAC, whose attention already reads the memory (h) and whose output gate M*(y) only modulates."""
+    """o = y (x) M of MAC and MAG (Sections 4.1-4.2; the paper leaves the gating open): each branch normalised with
+    learnable vector-valued weights; the memory carries the content and attention gates it through a sigmoid,
+    o = norm(M) * sigmoid(norm(y)). With attention as the content (o = norm(y) * sigmoid(norm(M))), both hybrids
+    answered what attention sees and never learned to use their memory: MQAR answers beyond the window 10-13% against
+    91-98% (docs/memory.md)."""
 
-    def __init__(self, dim: int, content: str):
+    def __init__(self, dim: int):
         super().__init__()
-        if content not in ("memory", "attention"):
-            raise ValueError(f"content must be 'memory' or 'attention', got {content!r}")
-        self.content = content
         self.norm_attention = nn.RMSNorm(dim)
         self.norm_memory = nn.RMSNorm(dim)
 
     def forward(self, y: Tensor, m: Tensor) -> Tensor:
-        y, m = self.norm_attention(y), self.norm_memory(m)
-        return m * torch.sigmoid(y) if self.content == "memory" else y * torch.sigmoid(m)
+        return self.norm_memory(m) * torch.sigmoid(self.norm_attention(y))
 
 
 def _with_persistent_prefix(memory: NeuralMemory, persistent: Tensor | None, x: Tensor,
@@ -89,7 +85,7 @@ class MAGMixer(nn.Module):
 
     def __init__(self, attention: CausalSelfAttention, memory: NeuralMemory):
         super().__init__()
-        self.attention, self.memory, self.gate = attention, memory, MemoryGate(attention.dim, content="memory")
+        self.attention, self.memory, self.gate = attention, memory, MemoryGate(attention.dim)
 
     def forward(self, x: Tensor, state: GateMixerState | None = None):
         y, attention_state = self.attention(x, None if state is None else state.attention)
@@ -153,9 +149,12 @@ class MACState:
 class MACMixer(nn.Module):
     """Memory as a Context (Section 4.1, Fig. 2). The sequence is split into segments S of `segment_len` tokens; for
     each one:  h = M*_{t-1}(q) read with the segment's queries;  y = Attn([p] || h || S) on the segment's positions;
-    M_t = M_{t-1}.store(y);  o = y (x) M*_t(y).
+    z = RMSNorm(S + y);  M_t = M_{t-1}.store(z);  o = M*_t(z) (x) y.
+    The memory stores and reads the residual stream after attention (every block has residuals, Section 4.4),
+    pre-normed like every layer's input, and carries the output's content (`MemoryGate`). As Eqs. 24-25 write it
+    (store y, attention as the content) the memory went unused: MQAR answers beyond the segment 10% (docs/memory.md).
     Attention mask: the persistent tokens are visible to every position; position i sees h_j and x_j for j <= i (h_j
-    derives from x_j, so seeing later h's would leak the future). Token i's memory read M*(y_i) sees M after y_i."""
+    derives from x_j, so seeing later h's would leak the future). Token i's memory read M*(z_i) sees M after z_i."""
 
     def __init__(self, dim: int, heads: int, segment_len: int, memory: NeuralMemory, num_persistent: int,
                  rope: bool = True):
@@ -172,7 +171,7 @@ class MACMixer(nn.Module):
         self.out = nn.Linear(dim, dim, bias=False)
         self.rotary = RotaryEmbedding(self.head_dim) if rope else None
         self.persistent = persistent_tokens(num_persistent, dim)
-        self.gate = MemoryGate(dim, content="attention")
+        self.gate = MemoryGate(dim)
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, heads, T, head_dim)
@@ -199,7 +198,8 @@ class MACMixer(nn.Module):
             mask = torch.cat([mask.new_ones(n, self.persistent.shape[0]), mask], dim=1)
         y = F.scaled_dot_product_attention(q, flat_k, flat_v, attn_mask=mask)
         y = self.out(y.transpose(1, 2).flatten(2))
-        m, memory_state = self.memory(y, NeuralMemoryState(state.memory.memory, reader.conv))  # store y, read M_t(y)
+        z = F.rms_norm(x + y, (self.dim,))  # the residual stream after attention, pre-normed
+        m, memory_state = self.memory(z, NeuralMemoryState(state.memory.memory, reader.conv))
         state = MACState(memory_state, state.segment_memory, keys, values)
         if filled == self.segment_len:  # segment complete: the next one reads the memory as it is now
             empty = keys[:, :, :, :0]
