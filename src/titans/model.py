@@ -445,13 +445,10 @@ def count_parameters(config_or_model: TitansConfig | nn.Module, by_component: bo
 def match_parameters(config: TitansConfig, target: int, tolerance: float = 0.05) -> TitansConfig:
     """The config with its SwiGLU width chosen (multiple of 8) so the model has `target` parameters, within
     `tolerance`: how variants are compared at equal size."""
-    lo, hi = 8, 64 * config.dim
-    while lo < hi:  # parameter count grows with the width: the smallest width reaching the target
-        mid = (lo + hi) // 2 // 8 * 8 or 8
-        if count_parameters(config.replace(ffn_hidden=mid)) < target:
-            lo = mid + 8
-        else:
-            hi = mid
+    # the count grows linearly with the width (3 * dim per unit in each block): the smallest width reaching the target
+    at_8 = count_parameters(config.replace(ffn_hidden=8))
+    per_8 = count_parameters(config.replace(ffn_hidden=16)) - at_8
+    lo = min(64 * config.dim, 8 + 8 * max(0, -(-(target - at_8) // per_8)))
     best = min((config.replace(ffn_hidden=w) for w in (max(8, lo - 8), lo)),
                key=lambda c: abs(count_parameters(c) - target))
     got = count_parameters(best)
