@@ -101,7 +101,6 @@ class NeuralMemory(nn.Module):
         self.dim, self.heads, self.head_dim, self.chunk_size = dim, memory_heads, head_dim, chunk_size
         self.max_lr, self.max_grad_norm, self.checkpoint_chunks = max_lr, max_grad_norm, checkpoint_chunks
         self.normalize_chunk_lr = normalize_chunk_lr
-        self.use_momentum, self.use_forgetting = momentum, forgetting
         self.memory = MLPMemory(dim=head_dim, depth=memory_depth, hidden=max(1, round(head_dim * memory_expansion)),
                                 activation=memory_activation, residual=memory_residual)
         inner = memory_heads * head_dim
