@@ -344,3 +344,25 @@ def test_legacy_checkpoint_loads_with_a_one_line_warning(tmp_path, capsys, confi
     code, out, err = run(capsys, "generate", run_dir, "--prompt", "1 2", "--max-new-tokens", "2")
     assert code == 0 and out
     assert err.count("\n") == 1 and err.startswith("titans: warning: ") and "unprotected" in err, err
+
+
+def test_text_benchmarks_report_the_generation_score(tmp_path, capsys, trained_run, monkeypatch):
+    """The RULER grid and BABILong print their generation scores beside the teacher-forced accuracy."""
+    import titans.evaluate
+
+    def needle(run, out, lengths, depths, samples, task=None):
+        return {"task": "niah_single_1", "lengths": lengths, "depths": depths, "accuracy": [[0.5, 1.0]],
+                "mean_accuracy": 0.75, "generation": [[0.25, 0.0]], "mean_generation": 0.125}
+
+    def babilong(run, out, lengths, samples, task, split):
+        return {"task": task, "split": split, "by_length": {64: 0.5}, "generation_by_length": {64: 0.25}}
+
+    monkeypatch.setattr(titans.evaluate, "eval_needle", needle)
+    monkeypatch.setattr(titans.evaluate, "eval_babilong", babilong)
+    code, out, _ = run(capsys, "niah", trained_run, "--lengths", "64", "--depths", "0", "1", "--out", tmp_path)
+    assert code == 0 and "mean accuracy 0.750, mean generation score 0.125" in out
+    lines = out.splitlines()
+    at = lines.index("  generation score (RULER string match of greedy output):")
+    assert lines[at - 1].split() == ["64", "0.50", "1.00"] and lines[at + 2].split() == ["64", "0.25", "0.00"]
+    code, out, _ = run(capsys, "eval", trained_run, "--task", "babilong", "--lengths", "64", "--out", tmp_path)
+    assert code == 0 and "length      64: accuracy 0.500  generation 0.250" in out

@@ -262,8 +262,8 @@ class PrefixOracle(nn.Module):
         logits = torch.zeros(*tokens.shape, 256)
         for t in range(tokens.shape[1]):
             n = len(seen) - tokens.shape[1] + t + 1
-            ids = next(s.token_ids for s in self.samples if torch.equal(s.token_ids[:n], seen[:n]))
-            right = int(ids[n]) if n < len(ids) else 0
+            ids = next((s.token_ids for s in self.samples if torch.equal(s.token_ids[:n], seen[:n])), [])
+            right = int(ids[n]) if n < len(ids) else 0  # past the answer, or off every sample: byte 0
             logits[0, t, (right + 1) % 256 if self.miss_last and n == len(ids) - 1 else right] = 1.0
         return logits, seen
 
@@ -286,7 +286,25 @@ def test_ruler_needle_grid(tmp_path, text_corpus, monkeypatch):
         run = loaded(PrefixOracle(samples, miss_last), text_config(text_corpus), tmp_path)
         result = evaluate.eval_needle(run, tmp_path, lengths, depths, samples=2, task="niah_single_2")
         assert result["accuracy"] == [[accuracy] * 2] * 2
+        # RULER's score of the greedy continuation: the whole answer, or one character short of it
+        assert result["generation"] == [[accuracy] * 2] * 2 and result["mean_generation"] == accuracy
     assert (tmp_path / "needle_niah_single_2.png").is_file()
+    assert json.loads((tmp_path / "needle_niah_single_2.json").read_text())["generation"] == [[0.0] * 2] * 2
+
+
+def test_greedy_continuation_streams_the_prompt():
+    """The prompt streams through the state in eval.chunk_len pieces: the continuation is the model's own greedy
+    generation from the whole prompt; `done` ends it early."""
+    run_config = config()
+    torch.manual_seed(0)
+    model = TitansLM(run_config.model).eval()
+    run = loaded(model, run_config, Path("."))
+    prompt = torch.randint(0, 16, (21,))  # chunk_len 8: three pieces, the last one short
+    expected = model.generate(prompt[None], 6)[0, 21:].tolist()
+    assert evaluate.greedy_continuation(run, prompt, 6) == expected
+    assert evaluate.greedy_continuation(run, prompt, 6, done=lambda ids: len(ids) == 2) == expected[:2]
+    with pytest.raises(ValueError, match="empty"):
+        evaluate.greedy_continuation(run, prompt[:0], 6)
 
 
 def test_babilong_accuracy_by_length(tmp_path, text_corpus):
@@ -296,6 +314,8 @@ def test_babilong_accuracy_by_length(tmp_path, text_corpus):
     run = loaded(TitansLM(run_config.model).eval(), run_config, tmp_path)
     result = evaluate.eval_babilong(run, tmp_path, lengths=[0, 64], samples=2, task="qa1")
     assert sorted(result["by_length"]) == [0, 64] and all(0 <= a <= 1 for a in result["by_length"].values())
+    assert sorted(result["generation_by_length"]) == [0, 64]
+    assert all(0 <= a <= 1 for a in result["generation_by_length"].values())
     assert (tmp_path / "babilong_qa1.json").is_file() and (tmp_path / "babilong_qa1.png").is_file()
 
     from titans.data.babilong import BabilongGenerator
@@ -306,4 +326,6 @@ def test_babilong_accuracy_by_length(tmp_path, text_corpus):
 
     for oracle, accuracy in ((PrefixOracle(samples), 1.0), (PrefixOracle(samples, miss_last=True), 0.0)):
         run = loaded(oracle, run_config, tmp_path)
-        assert evaluate.eval_babilong(run, tmp_path, lengths=[64], samples=2)["by_length"] == {64: accuracy}
+        result = evaluate.eval_babilong(run, tmp_path, lengths=[64], samples=2)
+        assert result["by_length"] == {64: accuracy}
+        assert result["generation_by_length"] == {64: accuracy}  # BABILong's verdict on the greedy continuation

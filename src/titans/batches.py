@@ -1,6 +1,7 @@
 """Batches for training and evaluation, built from a run config: a synthetic task or real text.
 
-Every source yields :class:`Batch` objects (inputs, targets, loss mask) and saves its position with
+Every source yields :class:`Batch` objects (inputs, targets, loss mask, whether the rows start afresh or continue
+the previous batch's) and saves its position with
 ``state_dict()`` for exact resume. Under DDP every rank builds the same *global* batch and keeps its own
 contiguous rows, so N processes see exactly the data of one process with the same global batch size.
 """
@@ -14,11 +15,11 @@ import torch
 from torch import Tensor
 
 from titans.config import RunConfig
-from titans.data.loader import IGNORE_INDEX, RandomWindows, TokenStream
+from titans.data.loader import IGNORE_INDEX, DocumentSegments, RandomWindows, TokenStream
 from titans.data.synthetic import SyntheticDataset, SyntheticTask, make_task
 from titans.typed_yaml import ConfigError
 
-__all__ = ["Batch", "SyntheticBatches", "TextBatches", "make_batches", "make_task_from_config",
+__all__ = ["Batch", "SyntheticBatches", "TextBatches", "DocumentBatches", "make_batches", "make_task_from_config",
            "text_tokenizer_name", "EVAL_SEED_OFFSET"]
 
 EVAL_SEED_OFFSET = 2**32  # held-out synthetic examples use seed + this: disjoint from every training seed
@@ -27,20 +28,23 @@ _ENDLESS = 2**62  # synthetic datasets are indexed, not enumerated: "as many exa
 
 @dataclass
 class Batch:
-    """``inputs``, ``targets`` (B, T) int64 and ``loss_mask`` (B, T) bool: the positions that are scored."""
+    """``inputs``, ``targets`` (B, T) int64 and ``loss_mask`` (B, T) bool: the positions that are scored.
+    ``fresh``: the rows start new sequences (read them from a fresh state); False: they continue the rows of the
+    previous batch of their source (carry its state on)."""
 
     inputs: Tensor
     targets: Tensor
     loss_mask: Tensor
+    fresh: bool = True
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.inputs.to(device), self.targets.to(device), self.loss_mask.to(device))
+        return Batch(self.inputs.to(device), self.targets.to(device), self.loss_mask.to(device), self.fresh)
 
     def rows(self, rank: int, world_size: int) -> Batch:
         """This rank's contiguous share of the rows."""
         per_rank = self.inputs.shape[0] // world_size
         part = slice(rank * per_rank, (rank + 1) * per_rank)
-        return Batch(self.inputs[part], self.targets[part], self.loss_mask[part])
+        return Batch(self.inputs[part], self.targets[part], self.loss_mask[part], self.fresh)
 
     @property
     def scored(self) -> int:
@@ -104,6 +108,29 @@ class TextBatches:
         self.windows.load_state_dict(state)
 
 
+class DocumentBatches:
+    """Whole documents read side by side in consecutive segments (:class:`~titans.data.loader.DocumentSegments`
+    over the global batch); each rank keeps its rows. A batch is ``fresh`` when its rows start new documents."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.stream, self.segments = stream, DocumentSegments(stream, seq_len, batch_size, seed=seed)
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self) -> DocumentBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        inputs, targets, new_document = next(self.segments)
+        return Batch(inputs, targets, targets != IGNORE_INDEX, new_document).rows(self.rank, self.world_size)
+
+    def state_dict(self) -> dict:
+        return self.segments.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.segments.load_state_dict(state)
+
+
 def text_tokenizer_name(config: RunConfig) -> str:
     """The corpus tokenizer of a text run (``byte`` is accepted for ``bytes``)."""
     name = config.data.tokenizer
@@ -134,9 +161,10 @@ def make_task_from_config(config: RunConfig, seq_len: int | None = None, **overr
 
 
 def make_batches(config: RunConfig, split: str = "train", *, rank: int = 0,
-                 world_size: int = 1) -> SyntheticBatches | TextBatches:
-    """Training batches (``split="train"``: ``train.batch_size`` sequences) or held-out ones (``"eval"``:
-    ``eval.batch_size`` sequences, the validation split of a text corpus, other seeds of a synthetic task)."""
+                 world_size: int = 1) -> SyntheticBatches | TextBatches | DocumentBatches:
+    """Training batches (``split="train"``: ``train.batch_size`` sequences, read as ``data.sampling`` says) or
+    held-out ones (``"eval"``: ``eval.batch_size`` windows of the validation split of a text corpus, other seeds of a
+    synthetic task)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     batch_size = config.train.batch_size if split == "train" else config.eval.batch_size
@@ -146,7 +174,8 @@ def make_batches(config: RunConfig, split: str = "train", *, rank: int = 0,
         return SyntheticBatches(make_task_from_config(config), batch_size, seed=seed, rank=rank,
                                 world_size=world_size)
     stream = open_text_stream(config, "train" if split == "train" else "validation")
-    return TextBatches(stream, config.train.seq_len, batch_size, seed=seed, rank=rank, world_size=world_size)
+    source = DocumentBatches if split == "train" and config.data.sampling == "documents" else TextBatches
+    return source(stream, config.train.seq_len, batch_size, seed=seed, rank=rank, world_size=world_size)
 
 
 def open_text_stream(config: RunConfig, split: str) -> TokenStream:

@@ -146,7 +146,8 @@ def _eval(args: argparse.Namespace) -> int:
         r = evaluate.eval_babilong(run, out, lengths, samples, task=args.babilong_task, split=args.split)
         _print_result(f"{run.name}: BABILong {r['task']} ({r['split']} books), {samples} samples per length",
                       out / f"babilong_{r['task']}",
-                      [f"length {n:>7}: accuracy {a:.3f}" for n, a in r["by_length"].items()])
+                      [f"length {n:>7}: accuracy {a:.3f}  generation {r['generation_by_length'][n]:.3f}"
+                       for n, a in r["by_length"].items()])
     return 0
 
 
@@ -155,10 +156,15 @@ def _needle_report(run, out: Path, task: str | None, lengths: list[int], depths:
 
     r = evaluate.eval_needle(run, out, lengths, depths, samples, task=task)
     header = "length \\ depth " + " ".join(f"{d:>6g}" for d in r["depths"])
-    rows = [f"{n:>14} " + " ".join(f"{a:>6.2f}" for a in row)
-            for n, row in zip(r["lengths"], r["accuracy"], strict=True)]
-    _print_result(f"{run.name}: needle grid ({r['task']}), {samples} samples per cell, mean accuracy "
-                  f"{r['mean_accuracy']:.3f}", out / f"needle_{r['task']}", [header, *rows])
+    lines = [header, *(f"{n:>14} " + " ".join(f"{a:>6.2f}" for a in row)
+                       for n, row in zip(r["lengths"], r["accuracy"], strict=True))]
+    title = f"{run.name}: needle grid ({r['task']}), {samples} samples per cell, mean accuracy {r['mean_accuracy']:.3f}"
+    if "generation" in r:  # RULER's score of greedy generations
+        title += f", mean generation score {r['mean_generation']:.3f}"
+        lines += ["generation score (RULER string match of greedy output):", header,
+                  *(f"{n:>14} " + " ".join(f"{a:>6.2f}" for a in row)
+                    for n, row in zip(r["lengths"], r["generation"], strict=True))]
+    _print_result(title, out / f"needle_{r['task']}", lines)
     return 0
 
 
@@ -400,8 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "directory")
     p.add_argument("--task", choices=("auto", "lm", "synthetic", "needle", "babilong"), default="auto",
                    help="lm: perplexity and bits per byte on held-out text; synthetic: accuracy of the run's "
-                        "synthetic task by length; needle: accuracy by context length x depth; babilong: BABILong "
-                        "accuracy by length (text runs). auto (default): lm for text runs, else synthetic")
+                        "synthetic task by length; needle: accuracy by context length x depth (RULER tasks: also "
+                        "RULER's generation score); babilong: BABILong accuracy by length, teacher-forced and of greedy "
+                        "generation (text runs). auto (default): lm for text runs, else synthetic")
     _add_grid(p)
     p.add_argument("--split", choices=("validation", "test"), default="validation",
                    help="held-out split: lm's text, babilong's background books (default: validation)")
@@ -449,9 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_import_hf)
 
     p = command("niah", "needle-in-a-haystack grid: accuracy by context length x needle depth",
-                "Teacher-forced exact match of the needle's answer at every context length and depth; contexts "
-                "stream through the model state in pieces of eval.chunk_len tokens. Writes needle_<task>.json and "
-                "a heatmap needle_<task>.png to OUT (default: RUN_DIR/eval).")
+                "Teacher-forced exact match of the needle's answer at every context length and depth, and for "
+                "the RULER tasks also RULER's score (string match of a greedy continuation); contexts stream "
+                "through the model state in pieces of eval.chunk_len tokens. Writes needle_<task>.json and a "
+                "heatmap needle_<task>.png to OUT (default: RUN_DIR/eval).")
     p.add_argument("path", metavar="CHECKPOINT", help="checkpoint directory or run directory")
     _add_grid(p)
     p.add_argument("--task", choices=("synthetic", "niah_single_1", "niah_single_2", "niah_single_3"),

@@ -109,6 +109,15 @@ class DataConfig:
     """Directory of prepared data (text task); null: the default cache."""
     tokenizer: str = "byte"
     """Tokenizer: ``byte``, ``gpt2`` or the path of a saved tokenizer file (text task)."""
+    sampling: Literal["windows", "documents"] = "windows"
+    """Training sequences of the text task. windows: shuffled windows of train.seq_len tokens, each read from a fresh
+    state. documents: every batch row reads a whole document in consecutive train.seq_len-token segments, one per
+    optimizer step, with the model state carried from step to step (gradients stop at the step) and reset when the
+    rows move on to new documents together (documents of similar length side by side; the shorter ones padded)."""
+
+    def __post_init__(self) -> None:
+        check(self.sampling == "windows" or self.task == "text", "sampling",
+               f"must be windows unless data.task is text (it is {self.task})", self.sampling)
 
 
 @dataclasses.dataclass

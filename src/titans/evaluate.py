@@ -4,7 +4,9 @@ needle-in-a-haystack grid (context length x needle depth) and BABILong accuracy 
 Every long context streams through the model state in pieces of ``eval.chunk_len`` tokens, so memory use stays flat
 with the length (for the memory and sliding-window models; full attention keeps its growing key/value cache).
 Accuracies are teacher-forced exact matches: an answer counts when the arg-max prediction at every answer token is
-right. Each ``eval_*`` function writes ``<name>.json`` and ``<name>.png`` into an output directory.
+right. The text benchmarks also report the score their papers report, of a greedy continuation of the prompt:
+RULER's ``string_match_all`` for the S-NIAH grid, BABILong's ``compare_answers`` for BABILong. Each ``eval_*``
+function writes ``<name>.json`` and ``<name>.png`` into an output directory.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from titans.scoring import Scores, score_batch
 from titans.typed_yaml import ConfigError, from_dict
 
 __all__ = ["LoadedRun", "load_run", "run_tokenizer", "evaluate_text", "evaluate_synthetic", "needle_grid",
-           "eval_lm", "eval_synthetic", "eval_needle", "eval_babilong", "write_json"]
+           "eval_lm", "eval_synthetic", "eval_needle", "eval_babilong", "greedy_continuation", "write_json",
+           "BABILONG_NEW_TOKENS"]
+
+BABILONG_NEW_TOKENS = 20  # BABILong's generate_kwargs max_new_tokens
 
 
 @dataclass
@@ -114,6 +119,28 @@ def _score_examples(run: LoadedRun, examples: list[dict], batch_size: int) -> Sc
         for batch in batches:
             scores += score_batch(run.model, batch.to(run.device), run.config.eval.chunk_len, run.autocast)
     return scores
+
+
+@torch.no_grad()
+def greedy_continuation(run: LoadedRun, prompt: torch.Tensor, max_new_tokens: int,
+                        done: Callable[[list[int]], bool] = lambda ids: False) -> list[int]:
+    """Up to ``max_new_tokens`` greedy tokens after ``prompt`` (1-d ids), which streams through the model state in
+    pieces of ``eval.chunk_len`` tokens; generation ends early once ``done(tokens so far)`` (for a score that the
+    tokens after that point cannot change)."""
+    x = prompt.reshape(1, -1).to(run.device)
+    if x.shape[1] == 0:
+        raise ValueError("the prompt is empty: generation continues at least one token")
+    logits, state = None, None
+    for _, logits, state in stream(run.model, x, run.config.eval.chunk_len, autocast=run.autocast):
+        pass
+    out: list[int] = []
+    while len(out) < max_new_tokens and not (out and done(out)):
+        token = logits[:, -1].float().argmax(-1, keepdim=True)
+        out.append(int(token))
+        if len(out) < max_new_tokens:
+            with run.autocast():
+                logits, state = run.model(token, state)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ real text
@@ -216,6 +243,20 @@ def needle_grid(run: LoadedRun, make_example: Callable[[int, float, int], dict],
     return grid
 
 
+def ruler_generation_score(run: LoadedRun, sample, tokenizer: Tokenizer, max_new_tokens: int) -> float:
+    """RULER's score (:func:`~titans.data.niah.generation_score`, as a fraction) of the greedy continuation of one
+    S-NIAH prompt. Generation stops once the answer appears: RULER's ``string_match_all`` only asks whether it is
+    there, so the tokens after it cannot change the score."""
+    from titans.data.niah import generation_score, postprocess_prediction
+
+    answer = sample.answer.lower()
+
+    def found(ids: list[int]) -> bool:
+        return answer in postprocess_prediction(tokenizer.decode(ids)).lower()
+
+    ids = greedy_continuation(run, sample.token_ids[:sample.prompt_length], max_new_tokens, found)
+    return generation_score([tokenizer.decode(ids)], [sample]) / 100
+
 def _synthetic_needle(run: LoadedRun, seed: int) -> Callable[[int, float, int], dict]:
     """Examples of the synthetic needle task: the run's own task settings when it trained on needles."""
     config = run.config
@@ -230,11 +271,24 @@ def _synthetic_needle(run: LoadedRun, seed: int) -> Callable[[int, float, int], 
     return make
 
 
-def _ruler_needle(run: LoadedRun, task: str, seed: int) -> Callable[[int, float, int], dict]:
+def _ruler_grids(run: LoadedRun, task: str, lengths: Sequence[int], depths: Sequence[float], samples: int,
+                 seed: int) -> tuple[list[list[float]], list[list[float]]]:
+    """The S-NIAH grids of teacher-forced exact match and of RULER's generation score (fractions)."""
     from titans.data.niah import NIAHGenerator
 
-    generator = NIAHGenerator(task, run_tokenizer(run))
-    return lambda length, depth, index: generator.sample(length, depth=100 * depth, seed=seed, index=index).as_example()
+    tokenizer = run_tokenizer(run)
+    generator = NIAHGenerator(task, tokenizer)
+    accuracy, generation = [], []
+    for length in lengths:
+        accuracy.append([])
+        generation.append([])
+        for depth in depths:
+            cell = [generator.sample(length, depth=100 * depth, seed=seed, index=i) for i in range(samples)]
+            scores = _score_examples(run, [s.as_example() for s in cell], run.config.eval.batch_size)
+            accuracy[-1].append(scores.sequence_accuracy)
+            generation[-1].append(float(np.mean([
+                ruler_generation_score(run, s, tokenizer, generator.answer_budget) for s in cell])))
+    return accuracy, generation
 
 
 def eval_needle(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], depths: Sequence[float], samples: int,
@@ -243,19 +297,23 @@ def eval_needle(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], dep
 
     ``task``: ``synthetic`` (the synthetic needle task: a marked token among random ones, asked for at the end) or a
     RULER single-needle task (``niah_single_1``/``2``/``3``) for text runs; default: synthetic for synthetic runs,
-    ``niah_single_1`` for text runs."""
+    ``niah_single_1`` for text runs. RULER tasks also get RULER's own metric: ``generation`` holds, per cell, the
+    mean :func:`~titans.data.niah.generation_score` (as a fraction) of greedy continuations of the prompts of up to
+    RULER's 128 tokens."""
     task = task or ("niah_single_1" if run.config.data.task == "text" else "synthetic")
+    generation = None
     if task == "synthetic":
-        make = _synthetic_needle(run, seed)
+        grid = needle_grid(run, _synthetic_needle(run, seed), lengths, depths, samples)
     elif run.config.data.task != "text":
         raise ValueError(f"the {task} needle is text; {run.run_dir} was trained on the {run.config.data.task} task "
                          f"(use --task synthetic)")
     else:
-        make = _ruler_needle(run, task, seed)
-    grid = needle_grid(run, make, lengths, depths, samples)
+        grid, generation = _ruler_grids(run, task, lengths, depths, samples, seed)
     result = {"run": run.name, "checkpoint": str(run.checkpoint), "task": task, "lengths": list(lengths),
               "depths": list(depths), "samples": samples, "accuracy": grid,
               "mean_accuracy": float(np.mean(grid))}
+    if generation is not None:
+        result.update(generation=generation, mean_generation=float(np.mean(generation)))
     out = Path(out_dir) / f"needle_{task}"
     plot_needle_heatmap(grid, lengths, depths, out.with_suffix(".png"), f"{run.name}: {task}")
     write_json(out.with_suffix(".json"), result)
@@ -265,8 +323,10 @@ def eval_needle(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], dep
 # ------------------------------------------------------------------------------------------------ BABILong
 def eval_babilong(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], samples: int, task: str = "qa1",
                   split: str = "test", seed: int = 0) -> dict:
-    """BABILong accuracy (teacher-forced exact match of the answer) at each context length in tokens, with
-    background from the corpus's ``split`` books; written to ``babilong_<task>.json`` and ``.png``."""
+    """BABILong accuracy at each context length in tokens, with background from the corpus's ``split`` books:
+    ``by_length`` the teacher-forced exact match of the answer, ``generation_by_length`` BABILong's own verdict
+    (:meth:`~titans.data.babilong.BabilongSample.score`) on a greedy continuation of context and question of up to
+    :data:`BABILONG_NEW_TOKENS` tokens. Written to ``babilong_<task>.json`` and ``.png``."""
     from titans.data.babilong import BabilongGenerator
 
     tokenizer = run_tokenizer(run)
@@ -274,13 +334,23 @@ def eval_babilong(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], s
         raise ValueError(f"BABILong is text; {run.run_dir} was trained on the {run.config.data.task} task")
     data_dir = Path(run.config.data.data_dir) if run.config.data.data_dir else None
     generator = BabilongGenerator.from_corpus(task, tokenizer, split, data_dir)
-    by_length = {}
+    by_length, generation = {}, {}
     for length in lengths:
-        examples = [generator.sample(length, seed=seed, index=i).as_example() for i in range(samples)]
-        by_length[int(length)] = _score_examples(run, examples, run.config.eval.batch_size).sequence_accuracy
+        cell = [generator.sample(length, seed=seed, index=i) for i in range(samples)]
+        by_length[int(length)] = _score_examples(run, [s.as_example() for s in cell],
+                                                 run.config.eval.batch_size).sequence_accuracy
+        generation[int(length)] = float(np.mean([_babilong_generation(run, s, tokenizer) for s in cell]))
     result = {"run": run.name, "checkpoint": str(run.checkpoint), "task": task, "split": split, "samples": samples,
-              "by_length": by_length}
+              "by_length": by_length, "generation_by_length": generation}
     out = Path(out_dir) / f"babilong_{task}"
     plot_accuracy_vs_length({run.name: by_length}, out.with_suffix(".png"), f"BABILong {task}: accuracy by length")
     write_json(out.with_suffix(".json"), result)
     return result
+
+
+def _babilong_generation(run: LoadedRun, sample, tokenizer: Tokenizer) -> bool:
+    """BABILong's verdict on the greedy continuation of one sample's context and question. Generation stops at the
+    first full stop: BABILong judges only the first sentence."""
+    prompt = torch.cat([sample.context_ids, sample.question_ids])
+    ids = greedy_continuation(run, prompt, BABILONG_NEW_TOKENS, lambda ids: "." in tokenizer.decode(ids))
+    return sample.score(tokenizer.decode(ids))

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_mean", "all_reduce_sum", "autocast_for", "barrier", "choose_device", "cleanup",
-           "init_distributed", "is_distributed", "is_main_process", "seed_everything"]
+__all__ = ["DistInfo", "all_gather_cat", "all_reduce_mean", "all_reduce_sum", "autocast_for", "barrier",
+           "choose_device", "cleanup", "init_distributed", "is_distributed", "is_main_process", "seed_everything"]
 
 
 def choose_device(device: str, local_rank: int | None = None) -> torch.device:
@@ -125,6 +125,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every process's ``tensor`` (the same shape on each) concatenated along the first dimension in rank order
+    (``tensor`` itself when not distributed)."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

@@ -102,14 +102,32 @@ def _decode(node: Any, tensors_: dict[str, Tensor], where: str) -> Any:
     raise ValueError(f"{where}: a malformed entry in the state file")
 
 
-def save_state(state: "TitansState", path: str | Path) -> None:
-    """Write `state` to `path` atomically (one safetensors file, the structure in its metadata)."""
+def pack_state(state: "TitansState") -> dict:
+    """``{"structure": JSON text, "tensors": {name: CPU tensor}}``: the state as a file holds it (a checkpoint stores
+    the training state carried across steps this way); :func:`unpack_state` undoes it."""
     named: dict[str, Tensor] = {}
     names: dict[int, str] = {}
     layers = [_encode(layer, f"layers.{i}", named, names) for i, layer in enumerate(state.layers)]
     structure = {"format": FORMAT, "version": VERSION, "variant": state.variant, "dim": state.dim,
                  "position": int(state.position), "layers": layers}
-    data = safetensors.torch.save(named, metadata={METADATA_KEY: json.dumps(structure)})
+    return {"structure": json.dumps(structure), "tensors": named}
+
+
+def unpack_state(packed: dict, device: torch.device | str = "cpu") -> "TitansState":
+    """The state :func:`pack_state` packed, on ``device`` (not checked against a model: the model checks the state
+    it is given)."""
+    from .model import TitansState
+
+    structure = json.loads(packed["structure"])
+    tensors_ = {k: v.to(device) for k, v in packed["tensors"].items()}
+    layers = [_decode(node, tensors_, f"packed state layer {i}") for i, node in enumerate(structure["layers"])]
+    return TitansState(layers, structure["position"], structure["variant"], structure["dim"])
+
+
+def save_state(state: "TitansState", path: str | Path) -> None:
+    """Write `state` to `path` atomically (one safetensors file, the structure in its metadata)."""
+    packed = pack_state(state)
+    data = safetensors.torch.save(packed["tensors"], metadata={METADATA_KEY: packed["structure"]})
     atomic_write(path, data)
 
 

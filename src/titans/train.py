@@ -3,8 +3,10 @@
 AdamW with warmup and cosine decay, gradient clipping and accumulation, autocast (bf16/fp16) where the device
 supports it, and truncated backpropagation through time over the memory state: each sequence is fed in
 ``tbptt_segments`` segments that carry the model state forward, and gradients are cut every ``tbptt_horizon``
-segments. Under ``torchrun`` the model is wrapped in DistributedDataParallel, every rank trains on its rows of the
-global batch and rank 0 alone writes the run directory::
+segments. With ``data.sampling: documents`` the rows of a batch are segments of whole documents and the state is
+carried on from one optimizer step to the next (detached) until the rows start new documents; it is saved in every
+checkpoint, so resuming stays exact. Under ``torchrun`` the model is wrapped in DistributedDataParallel, every rank
+trains on its rows of the global batch and rank 0 alone writes the run directory::
 
     run_dir/config.yaml          the resolved config
     run_dir/metrics.jsonl, .csv  training and evaluation metrics
@@ -49,6 +51,7 @@ from titans.optim import build_optimizer, build_scheduler
 from titans.plots import plot_loss_curves
 from titans.runtime import (
     DistInfo,
+    all_gather_cat,
     all_reduce_sum,
     autocast_for,
     barrier,
@@ -58,6 +61,7 @@ from titans.runtime import (
     seed_everything,
 )
 from titans.scoring import Scores, masked_loss_sum, score_batch
+from titans.state import map_tensors, pack_state, unpack_state
 from titans.typed_yaml import ConfigError, load_yaml, to_dict
 
 __all__ = ["TrainingError", "SegmentLoss", "train", "CONFIG_FILE", "SUMMARY_FILE", "LOCK_FILE"]
@@ -112,13 +116,18 @@ class _Trainer:
         forward: nn.Module = SegmentLoss(self.model, train_cfg.seq_len // train_cfg.tbptt_segments)
         if train_cfg.compile:
             forward.model = torch.compile(self.model)  # self.model stays uncompiled: its state_dict keys are saved
-        self.forward = DistributedDataParallel(forward) if info.world_size > 1 else forward
+        # a carried state holds what M_0 and the persistent tokens gave at the documents' start: no gradient reaches
+        # them while the rows continue their documents
+        self.forward = DistributedDataParallel(
+            forward, find_unused_parameters=config.data.sampling == "documents") if info.world_size > 1 else forward
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim, train_cfg.steps)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.batches = make_batches(config, "train", rank=info.rank, world_size=info.world_size)
         make_batches(config, "eval", rank=info.rank, world_size=info.world_size)  # fail now, not at the first eval
         self.step = 0
+        # data.sampling documents: each micro-batch's state after the previous step, carried on unless fresh
+        self.carried: list[TitansState | None] = [None] * config.optim.grad_accum
         self.window = {"loss_sum": 0.0, "steps": 0}  # training loss since the last log
         self.tokens = 0
         self.last_checkpoint: Path | None = None
@@ -163,6 +172,11 @@ class _Trainer:
         self.step = loaded["step"]
         self.batches.load_state_dict(extra["data"])
         self.window, self.tokens = dict(extra["window"]), int(extra["tokens"])
+        if self.config.data.sampling == "documents":
+            if not isinstance(extra.get("carried"), list) or len(extra["carried"]) != len(self.carried):
+                raise CheckpointError(f"{loaded['path']}: no carried state of each micro-batch in this checkpoint")
+            self.carried = [None if packed is None else self._my_rows(unpack_state(packed, self.info.device))
+                            for packed in extra["carried"]]
         if self.scaler is not None and extra.get("scaler"):
             self.scaler.load_state_dict(extra["scaler"])
         self.last_checkpoint = loaded["path"]
@@ -176,12 +190,26 @@ class _Trainer:
         if bad:
             raise TrainingError(f"non-finite weights ({', '.join(bad[:3])}) after step {self.step}; training "
                                 f"stopped without saving them, {self._where()}")
+        carried = None
+        if self.config.data.sampling == "documents":  # every rank's rows: the state of the global batch
+            carried = [None if state is None else pack_state(self._all_rows(state)) for state in self.carried]
         if self.info.is_main:
             extra = {"config": to_dict(self.config), "data": self.batches.state_dict(), "window": self.window,
-                     "tokens": self.tokens, "scaler": None if self.scaler is None else self.scaler.state_dict()}
+                     "tokens": self.tokens, "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                     "carried": carried}
             self.last_checkpoint = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
                                                    self.scheduler, extra, keep_last=self.config.train.keep_last)
         barrier()
+
+    def _all_rows(self, state: TitansState) -> TitansState:
+        """The state of the global batch from every rank's (the batch dimension comes first in every tensor)."""
+        return TitansState(map_tensors(list(state.layers), all_gather_cat), state.position, state.variant, state.dim)
+
+    def _my_rows(self, state: TitansState) -> TitansState:
+        """This rank's rows of a state of the global batch."""
+        rank, world_size = self.info.rank, self.info.world_size
+        return TitansState(map_tensors(list(state.layers), lambda t: t.chunk(world_size)[rank].clone()),
+                           state.position, state.variant, state.dim)
 
     # -------------------------------------------------------------------------------------- one step
     def _backward(self, micro_batches: list[Batch], scale: float) -> Tensor:
@@ -191,7 +219,7 @@ class _Trainer:
         horizon_len = cfg.seq_len // cfg.tbptt_segments * (cfg.tbptt_horizon or cfg.tbptt_segments)
         total = torch.zeros((), dtype=torch.float64, device=self.info.device)
         for i, batch in enumerate(micro_batches):
-            state = None
+            state = None if batch.fresh else self.carried[i]
             for start in range(0, cfg.seq_len, horizon_len):
                 last = i == len(micro_batches) - 1 and start + horizon_len >= cfg.seq_len
                 piece = slice(start, start + horizon_len)
@@ -204,6 +232,8 @@ class _Trainer:
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 total += loss.detach()
                 state = state.detach()  # truncated BPTT: no gradient beyond this window
+            if self.config.data.sampling == "documents":
+                self.carried[i] = state
         return total
 
     def _train_step(self) -> tuple[float, float, float, int]:

@@ -1,12 +1,12 @@
 """Loaders over the memory-mapped token streams written by :func:`titans.data.corpus.prepare`.
 
 * :class:`RandomWindows`: shuffled contiguous windows of ``seq_len + 1`` tokens for ordinary LM training.
-* :class:`DocumentSegments`: ``batch_size`` parallel streams, each walking through whole documents one
-  segment at a time, so that a recurrent/memory state can be carried from one batch to the next (the
-  Titans long-term memory, Section 3, is updated at test time segment by segment).
+* :class:`DocumentSegments`: ``batch_size`` documents read side by side one segment at a time, so that a
+  recurrent/memory state can be carried from one batch to the next (the Titans long-term memory, Section 3, is
+  updated at test time segment by segment); training uses it with ``data.sampling: documents``.
 
-Both are deterministic per seed, resumable exactly from a small ``state_dict()`` and shardable by
-``(rank, world_size)`` so that DDP ranks read disjoint data.
+Both are deterministic per seed and resumable exactly from a small ``state_dict()``. :class:`RandomWindows` is also
+shardable by ``(rank, world_size)``; training reads the global batch of either and keeps each rank's rows.
 """
 
 from __future__ import annotations
@@ -159,90 +159,104 @@ class RandomWindows:
 class Segments(NamedTuple):
     """One step of :class:`DocumentSegments`.
 
-    ``inputs``/``targets``: ``[batch_size, seq_len]`` int64; positions past a document's end hold 0 and
-    ``IGNORE_INDEX``. ``new_document``: ``[batch_size]`` bool, True where the stream started a new document
-    with this segment (reset that stream's memory state before using it).
+    ``inputs``/``targets``: ``[batch_size, seq_len]`` int64; positions past a document's end (and rows without a
+    document) hold 0 and ``IGNORE_INDEX``. ``new_document``: True when every row starts a new document with this
+    segment (start from a fresh state), False when every row continues the document of the previous step.
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
-    new_document: torch.Tensor
+    new_document: bool
+
+
+BUCKET_GROUPS = 16  # shuffled documents are sorted by length within runs of this many groups
 
 
 class DocumentSegments:
-    """``batch_size`` parallel streams, each reading whole documents in consecutive segments.
+    """``batch_size`` documents read side by side, each in consecutive segments, so that a recurrent/memory state
+    can be carried from one batch to the next; the rows move on to new documents together.
 
     Segment ``k`` of a document holds inputs ``doc[k*L : (k+1)*L]`` and targets ``doc[k*L+1 : (k+1)*L+1]``
-    (``L = seq_len``), so the targets of consecutive segments tile the document exactly. When a stream
-    finishes a document it takes the next one from a shared queue: this rank's documents (every
-    ``world_size``-th, from ``rank``) in a per-epoch shuffled order (``shuffle``). With ``loop=False``
-    the queue holds one pass over the documents and iteration stops once every stream is done.
+    (``L = seq_len``), so the targets of consecutive segments tile the document exactly. A group of ``batch_size``
+    documents takes as many steps as its longest document needs; the rows of the shorter ones are padded meanwhile.
+    With ``shuffle`` every epoch permutes the documents (seeded by ``(seed, epoch)``), sorts runs of
+    :data:`BUCKET_GROUPS` groups by length (documents of a group have similar lengths, so little is padded), and
+    shuffles the groups and the rows within each; without, groups are consecutive documents in order. Documents of
+    fewer than 2 tokens (no target) are skipped; the last group of an epoch may have rows without a document. With
+    ``loop=False`` iteration stops after one epoch.
     """
 
-    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, loop: bool = True):
-        _check_shard(rank, world_size)
+    def __init__(self, stream: TokenStream, seq_len: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 loop: bool = True):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
-        lengths = np.diff(stream.offsets)
-        self._documents = np.array([d for d in range(rank, stream.num_documents, world_size) if lengths[d] >= 2])
+        self._lengths = np.diff(stream.offsets)
+        self._documents = np.flatnonzero(self._lengths >= 2)
         if len(self._documents) == 0:
-            raise ValueError(f"rank {rank} of {world_size} has no document of at least 2 tokens")
+            raise ValueError("the stream has no document of at least 2 tokens")
         self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
-        self.seed, self.rank, self.world_size, self.shuffle, self.loop = seed, rank, world_size, shuffle, loop
-        self._pulled = 0  # documents taken from the queue so far
-        self._streams: list[list[int] | None] = [None] * batch_size  # [document, next position] per stream
-        self._order_epoch, self._order = -1, self._documents
+        self.seed, self.shuffle, self.loop = seed, shuffle, loop
+        self.epoch, self.group, self.segment = 0, 0, 0
+        self._groups_epoch, self._groups = -1, []
 
-    def _next_document(self) -> int | None:
-        epoch, index = divmod(self._pulled, len(self._documents))
-        if epoch > 0 and not self.loop:
-            return None
-        if self.shuffle and self._order_epoch != epoch:
-            self._order = np.random.default_rng([self.seed, self.rank, epoch]).permutation(self._documents)
-            self._order_epoch = epoch
-        self._pulled += 1
-        return int(self._order[index])
+    def _epoch_groups(self) -> list[np.ndarray]:
+        """The groups of documents of the current epoch, in reading order."""
+        if self._groups_epoch != self.epoch:
+            documents, size = self._documents, self.batch_size
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, self.epoch])
+                documents = rng.permutation(documents)
+                run = BUCKET_GROUPS * size
+                documents = np.concatenate([
+                    part[np.argsort(-self._lengths[part], kind="stable")]
+                    for part in (documents[i:i + run] for i in range(0, len(documents), run))])
+            groups = [documents[i:i + size] for i in range(0, len(documents), size)]
+            if self.shuffle:
+                groups = [rng.permutation(groups[i]) for i in rng.permutation(len(groups))]
+            self._groups, self._groups_epoch = groups, self.epoch
+        return self._groups
+
+    def _steps(self, group: np.ndarray) -> int:
+        """Segments of the group's longest document."""
+        return int(-(-(self._lengths[group].max() - 1) // self.seq_len))
 
     def __iter__(self) -> DocumentSegments:
         return self
 
     def __next__(self) -> Segments:
-        length = self.seq_len
+        if self.epoch > 0 and not self.loop:
+            raise StopIteration
+        groups = self._epoch_groups()
+        group, length = groups[self.group], self.seq_len
         inputs = np.zeros((self.batch_size, length), dtype=np.int64)
         targets = np.full((self.batch_size, length), IGNORE_INDEX, dtype=np.int64)
-        new_document = np.zeros(self.batch_size, dtype=bool)
-        for b in range(self.batch_size):
-            state = self._streams[b]
-            if state is None or state[1] >= len(self.stream.document(state[0])) - 1:  # no targets left
-                document = self._next_document()
-                state = None if document is None else [document, 0]
-                new_document[b] = document is not None
-                self._streams[b] = state
-            if state is None:
-                continue
-            document, position = state
-            chunk = self.stream.document(document)[position:position + length + 1]
+        start = self.segment * length
+        for row, document in enumerate(group):
+            chunk = self.stream.document(int(document))[start:start + length + 1]
             n = len(chunk) - 1
-            inputs[b, :n], targets[b, :n] = chunk[:-1], chunk[1:]
-            state[1] = position + length
-        if all(s is None for s in self._streams):
-            raise StopIteration
-        return Segments(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(new_document))
+            if n > 0:
+                inputs[row, :n], targets[row, :n] = chunk[:-1], chunk[1:]
+        new_document = self.segment == 0
+        self.segment += 1
+        if self.segment == self._steps(group):
+            self.segment, self.group = 0, self.group + 1
+            if self.group == len(groups):
+                self.group, self.epoch = 0, self.epoch + 1
+        return Segments(torch.from_numpy(inputs), torch.from_numpy(targets), new_document)
 
     def _config(self) -> dict:
-        return {"seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size, "rank": self.rank,
-                "world_size": self.world_size, "shuffle": self.shuffle, "loop": self.loop,
-                "stream_tokens": len(self.stream)}
+        return {"seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size, "shuffle": self.shuffle,
+                "loop": self.loop, "stream_tokens": len(self.stream)}
 
     def state_dict(self) -> dict:
-        """Queue position and each stream's (document, position); specific to this rank."""
-        return {"pulled": self._pulled, "streams": [None if s is None else list(s) for s in self._streams],
-                **self._config()}
+        """The position (epoch, group, segment) and the configuration it is valid for."""
+        return {"epoch": self.epoch, "group": self.group, "segment": self.segment, **self._config()}
 
     def load_state_dict(self, state: dict) -> None:
         _check_state(state, self._config())
-        if len(state["streams"]) != self.batch_size:
-            raise ValueError(f"state has {len(state['streams'])} streams, expected {self.batch_size}")
-        self._pulled = int(state["pulled"])
-        self._streams = [None if s is None else [int(s[0]), int(s[1])] for s in state["streams"]]
+        self.epoch, self.group, self.segment = int(state["epoch"]), int(state["group"]), int(state["segment"])
+        groups = self._epoch_groups()
+        if self.epoch < 0 or not 0 <= self.group < len(groups) or not 0 <= self.segment < self._steps(
+                groups[self.group]):
+            raise ValueError(f"invalid loader position epoch={self.epoch}, group={self.group}, "
+                             f"segment={self.segment}")
