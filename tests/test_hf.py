@@ -74,13 +74,14 @@ def test_missing_weights_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_cached_greedy_decoding_equals_recomputation(variant):
+def test_cached_greedy_decoding_equals_recomputation(variant, monkeypatch):
     model, prompt = tiny(variant), tokens(2, 13)  # 13 + 12 tokens cross chunk (8) and segment / window (16) ends
-    read = []
+    read, steps, step = [], [], model.model.step
     model.model.register_forward_pre_hook(lambda module, args: read.append(args[0].shape[1]))
+    monkeypatch.setattr(model.model, "step", lambda ids, state: (steps.append(ids.shape[1]), step(ids, state))[1])
     cached = model.generate(prompt, max_new_tokens=12, do_sample=False, return_dict_in_generate=True,
                             output_logits=True)
-    assert read == [13] + [1] * 11 and isinstance(cached.cache, TitansCache)
+    assert read == [13] and steps == [1] * 11 and isinstance(cached.cache, TitansCache)  # decoding steps: step()
     assert cached.cache.get_seq_length() == 24
     read.clear()
     recomputed = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False,

@@ -6,7 +6,8 @@ import itertools
 import pytest
 import torch
 
-from titans.ops import MLPMemory, current_weights, memory_retrieve, memory_scan, memory_scan_reference
+from titans.ops import (MLPMemory, MemoryState, current_weights, memory_retrieve, memory_scan, memory_scan_reference,
+                         memory_step)
 
 F64 = torch.float64
 
@@ -263,3 +264,29 @@ def test_chunk_checkpointing_gives_the_same_values_and_gradients():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("general", [False, True])
+@pytest.mark.parametrize("depth,chunk,with_momentum,with_decay", [(1, 1, True, True), (2, 5, True, True),
+                                                                  (3, 4, False, True), (2, 8, True, False)])
+def test_single_token_step_equals_the_chunked_scan(depth, chunk, with_momentum, with_decay, general):
+    """memory_step (one token joins the partial chunk and reads its row's closed form) token by token, after a
+    3-token memory_scan, gives the chunked scan's retrievals and state, with clipping and chunk-normalised steps, on the
+    fast path and the general one."""
+    memory = MLPMemory(dim=4, depth=depth, hidden=6)
+    fn = (lambda p, x: memory(p, x)) if general else memory  # noqa: E731
+    params = memory.init_params(3, generator=torch.Generator().manual_seed(2), dtype=F64)
+    inputs = make_inputs(t=21, seed=3, with_momentum=with_momentum, with_decay=with_decay)
+    options = dict(chunk_size=chunk, max_grad_norm=0.5, normalize_chunk_lr=True)
+    y, state = memory_scan(fn, params, *inputs, **options)
+    head = [None if x is None else x[:, :3] for x in inputs]
+    outs, stepped = [memory_scan(fn, params, *head, **options)[0]], memory_scan(fn, params, *head, **options)[1]
+    for t in range(3, 21):
+        token = [None if x is None else x[:, t:t + 1] for x in inputs]
+        out, stepped = memory_step(fn, *token, state=stepped, **options)
+        outs.append(out)
+    assert rel_err(torch.cat(outs, 1), y) < 1e-10
+    assert isinstance(stepped, MemoryState) and len(stepped.pending or ()) == len(state.pending or ())
+    for name in state.weights:
+        assert rel_err(current_weights(fn, stepped, 0.5, True)[name], current_weights(fn, state, 0.5, True)[name]) \
+            < 1e-10

@@ -31,6 +31,41 @@ def test_streaming_equals_whole_sequence(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_decoding_step_equals_chunked_forward(variant):
+    """TitansLM.step (every mixer's single-token path) after a 3-token prompt, over 42 tokens that cross memory chunk
+    (8), window and segment (16) boundaries: the logits of one chunked forward call, and a state that continues like
+    forward's."""
+    model = tiny(variant)
+    tokens = torch.randint(0, 32, (2, 48))
+    whole, _ = model(tokens)
+    with torch.no_grad():  # as in generate (the KV cache grows in place only without autograd)
+        logits, state = model(tokens[:, :3])
+        outs = [logits]
+        for t in range(3, 45):
+            logits, state = model.step(tokens[:, t:t + 1], state)
+            outs.append(logits)
+        outs.append(model(tokens[:, 45:], state)[0])
+    assert torch.allclose(torch.cat(outs, 1), whole, rtol=0, atol=1e-10)
+    assert state.position == 45
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decoding_step_continues_one_state_twice(variant):
+    """Two steps from one state (itself made by a step) are independent: a KV cache appended in place is copied
+    for the second."""
+    model = tiny(variant)
+    tokens = torch.randint(0, 32, (1, 22))
+    other = (tokens[:, 20:21] + 1) % 32
+    with torch.no_grad():
+        _, state = model.step(tokens[:, 19:20], model(tokens[:, :19])[1])
+        _, first = model.step(tokens[:, 20:21], state)
+        branch, _ = model.step(other, state)
+        after, _ = model.step(tokens[:, 21:22], first)
+        assert torch.allclose(branch, model(torch.cat([tokens[:, :20], other], 1))[0][:, -1:], rtol=0, atol=1e-10)
+        assert torch.allclose(after, model(tokens)[0][:, -1:], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_causal(variant):
     model = tiny(variant)
     tokens = torch.randint(0, 32, (1, 40))

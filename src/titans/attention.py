@@ -60,7 +60,8 @@ class RotaryEmbedding(nn.Module):
 
     def _cached_cos_sin(self, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         cache = self._cos
-        if cache is None or cache.size(0) < length or cache.device != device or cache.dtype != dtype:
+        stale = cache is None or cache.size(0) < length or cache.device != device or cache.dtype != dtype
+        if stale or (cache.is_inference() and not torch.is_inference_mode_enabled()):  # made by generate: no autograd
             # Grow geometrically so token-by-token decoding does not recompute the table every step.
             size = max(length, 2 * cache.size(0) if cache is not None else length)
             angles = self._angles(torch.arange(size, device=device, dtype=dtype))
@@ -122,6 +123,20 @@ def attention_mask(
         visible &= key_pos > query_pos - window
     persistent = torch.ones(num_queries, num_persistent, dtype=torch.bool, device=device)
     return torch.cat((persistent, visible), dim=1)
+
+
+def _append(cache: Tensor, new: Tensor) -> Tensor:
+    """cache || new along time (B, heads, L, head_dim): a view of a buffer with spare room, written in place when no
+    other state has claimed that room (so a KV cache grows in amortised O(1) per token; a state continued twice gets
+    a copy the second time, and with autograd on every append copies)."""
+    base, length = cache._base, cache.size(2)
+    if base is None or torch.is_grad_enabled() or getattr(base, "claimed", None) != length \
+            or base.size(2) == length or base.shape[:2] != cache.shape[:2] or base.data_ptr() != cache.data_ptr():
+        base = cache.new_empty(*cache.shape[:2], max(2 * length, 64), cache.size(3))
+        base[:, :, :length] = cache
+    base[:, :, length:length + 1] = new
+    base.claimed = length + 1
+    return base[:, :, :length + 1]
 
 
 class CausalSelfAttention(nn.Module):
@@ -227,6 +242,35 @@ class CausalSelfAttention(nn.Module):
         rest = rest.unflatten(0, (batch, num_blocks - 1)).transpose(1, 2).flatten(2, 3)[:, :, : length - w]
         return torch.cat((first, rest), dim=2)
 
+    def _queries_keys_values(self, x: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, heads, T, head_dim) of x (B, T, dim) at positions offset.., normalised and rotated."""
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        if self.query_norm is not None:
+            q, k = self.query_norm(q), self.key_norm(k)
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        return q, k, v
+
+    def step(self, x: Tensor, state: AttentionState, prefix: Tensor | None = None) -> tuple[Tensor, AttentionState]:
+        """`forward` of one token x (B, 1, dim) continuing `state`, for decoding: the query sees every cached key (no
+        mask); full attention appends to its cache in place (`_append`), sliding-window keeps the last window - 1."""
+        if x.dim() != 3 or x.shape[1:] != (1, self.dim) or state.keys.size(0) != x.size(0):
+            raise ValueError(f"step expects x of shape ({state.keys.size(0)}, 1, {self.dim}), got {tuple(x.shape)}")
+        q, k, v = self._queries_keys_values(x, state.offset)
+        if self.window is None:
+            k, v = _append(state.keys, k), _append(state.values, v)
+            cached_k, cached_v = k, v
+        else:
+            k, v = torch.cat((state.keys, k), dim=2), torch.cat((state.values, v), dim=2)
+            keep = min(self.window - 1, k.size(2))
+            cached_k, cached_v = k[:, :, k.size(2) - keep:], v[:, :, v.size(2) - keep:]
+        pk, pv = self._persistent_keys_values(x.size(0), prefix)
+        if pk is not None:
+            k, v = torch.cat((pk, k), dim=-2), torch.cat((pv, v), dim=-2)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = self.out_dropout(self.out(y.transpose(1, 2).flatten(2)))
+        return y, AttentionState(cached_k, cached_v, state.offset + 1)
+
     def forward(self, x: Tensor, state: AttentionState | None = None,
                 prefix: Tensor | None = None) -> tuple[Tensor, AttentionState]:
         """x: (B, T, dim) -> (y: (B, T, dim), the state after these T tokens). prefix: (B, n, dim) tokens that every
@@ -238,11 +282,7 @@ class CausalSelfAttention(nn.Module):
         if state is not None and state.keys.size(0) != batch:
             raise ValueError(f"state batch size {state.keys.size(0)} does not match input batch size {batch}")
 
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
-        if self.query_norm is not None:
-            q, k = self.query_norm(q), self.key_norm(k)
-        if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        q, k, v = self._queries_keys_values(x, offset)
         if state is not None:
             k, v = torch.cat((state.keys, k), dim=2), torch.cat((state.values, v), dim=2)
         num_past = k.size(2) - length

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .memory import CausalDepthwiseConv
-from .ops.delta_rule import delta_rule_chunked
+from .ops.delta_rule import delta_rule_chunked, delta_rule_reference
 
 
 @dataclass
@@ -101,6 +101,16 @@ class DeltaNet(nn.Module):
         return F.silu(h).view(b, t, self.heads, -1).transpose(1, 2)
 
     def forward(self, x: Tensor, state: DeltaNetState | None = None) -> tuple[Tensor, DeltaNetState]:
+        return self._mix(x, state, step=False)
+
+    def step(self, x: Tensor, state: DeltaNetState | None) -> tuple[Tensor, DeltaNetState]:
+        """`forward` of one token x (B, 1, dim), for decoding: the recurrence's one step (`delta_rule_reference`)
+        instead of the chunked form."""
+        if x.dim() != 3 or x.shape[1] != 1:
+            raise ValueError(f"DeltaNet.step reads one token, got x of shape {tuple(x.shape)}")
+        return self._mix(x, state, step=True)
+
+    def _mix(self, x: Tensor, state: DeltaNetState | None, step: bool) -> tuple[Tensor, DeltaNetState]:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"DeltaNet expects input of shape (batch, time, {self.dim}), got {tuple(x.shape)}")
         if state is not None and state.S.shape[0] != x.shape[0]:
@@ -123,8 +133,11 @@ class DeltaNet(nn.Module):
                 # g_t = -A softplus(W_a x_t + dt_bias) <= 0, alpha_t = exp(g_t)
                 log_decay = (-self.A_log.to(dtype).exp()
                              * F.softplus(decay_logits.to(dtype) + self.dt_bias.to(dtype))).transpose(1, 2)
-            o, S = delta_rule_chunked(q, k, v.to(dtype), beta, log_decay, self.chunk_size,
-                                      None if state is None else state.S)
+            initial = None if state is None else state.S
+            if step:
+                o, S = delta_rule_reference(q, k, v.to(dtype), beta, log_decay, initial)
+            else:
+                o, S = delta_rule_chunked(q, k, v.to(dtype), beta, log_decay, self.chunk_size, initial)
             o = F.rms_norm(o.transpose(1, 2), (self.head_v_dim,), self.norm.weight.to(dtype), self.norm.eps)
             if gate is not None:
                 o = o * F.silu(gate.to(o.dtype).view(b, t, self.heads, self.head_v_dim))

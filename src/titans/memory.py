@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .ops import MemoryState, MLPMemory, Params, current_weights, memory_scan, surprise_norms
+from .ops import MemoryState, MLPMemory, Params, current_weights, memory_scan, memory_step, surprise_norms
 
 
 class CausalDepthwiseConv(nn.Module):
@@ -182,6 +182,16 @@ class NeuralMemory(nn.Module):
 
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
         """Store every token of x in the memory and read it back: token t reads M_t, after its own update."""
+        return self._store(x, state, step=False)
+
+    def step(self, x: Tensor, state: NeuralMemoryState | None) -> tuple[Tensor, NeuralMemoryState]:
+        """`forward` of one token x (B, 1, dim), for decoding: the memory op is `memory_step` (the token joins the
+        partial chunk and reads with its row's closed form) instead of the chunked scan."""
+        if x.shape[1] != 1:
+            raise ValueError(f"NeuralMemory.step reads one token, got x of shape {tuple(x.shape)}")
+        return self._store(x, state, step=True)
+
+    def _store(self, x: Tensor, state: NeuralMemoryState | None, step: bool) -> tuple[Tensor, NeuralMemoryState]:
         dtype, state = self._begin(x, state)
         if x.shape[1] == 0:  # an empty piece: nothing to store or read
             return x.new_zeros(x.shape), state
@@ -190,10 +200,16 @@ class NeuralMemory(nn.Module):
         lr = None if gates[0] is None else self.max_lr * gates[0]
         with torch.autocast(device_type=x.device.type, enabled=False):
             cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-            retrieved, state.memory = memory_scan(
-                self.memory, state.memory.weights, cast(k), cast(v), cast(q), cast(lr), cast(gates[1]),
-                cast(gates[2]), self.chunk_size, state=state.memory, max_grad_norm=self.max_grad_norm,
-                normalize_chunk_lr=self.normalize_chunk_lr, checkpoint_chunks=self.checkpoint_chunks)
+            k, v, q, lr, momentum, decay = (cast(t) for t in (k, v, q, lr, gates[1], gates[2]))
+            if step:
+                retrieved, state.memory = memory_step(
+                    self.memory, k, v, q, lr, momentum, decay, self.chunk_size, state.memory,
+                    max_grad_norm=self.max_grad_norm, normalize_chunk_lr=self.normalize_chunk_lr)
+            else:
+                retrieved, state.memory = memory_scan(
+                    self.memory, state.memory.weights, k, v, q, lr, momentum, decay, self.chunk_size,
+                    state=state.memory, max_grad_norm=self.max_grad_norm, normalize_chunk_lr=self.normalize_chunk_lr,
+                    checkpoint_chunks=self.checkpoint_chunks)
         return self._output(retrieved, x), state
 
     def signals(self, x: Tensor, state: NeuralMemoryState | None = None) -> dict[str, Tensor]:

@@ -56,6 +56,9 @@ class AttentionMixer(nn.Module):
     def forward(self, x: Tensor, state: AttentionState | None = None):
         return self.attention(x, state)
 
+    def step(self, x: Tensor, state: AttentionState):
+        return self.attention.step(x, state)
+
 
 class MemoryMixer(nn.Module):
     """`lmm`: the neural memory alone (Section 4.3), reading the persistent tokens first (Section 3.3)."""
@@ -68,6 +71,10 @@ class MemoryMixer(nn.Module):
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None):
         y, _, state = _with_persistent_prefix(self.memory, self.persistent, x, state)
         return y, state
+
+    def step(self, x: Tensor, state: NeuralMemoryState):
+        """`forward` of one token (B, 1, dim) continuing `state` (the persistent tokens were read at its start)."""
+        return self.memory.step(x, state)
 
 
 @dataclass
@@ -91,6 +98,12 @@ class MAGMixer(nn.Module):
         y, attention_state = self.attention(x, None if state is None else state.attention)
         m, _, memory_state = _with_persistent_prefix(self.memory, self.attention.persistent, x,
                                                      None if state is None else state.memory)
+        return self.gate(y, m), GateMixerState(attention_state, memory_state)
+
+    def step(self, x: Tensor, state: GateMixerState):
+        """`forward` of one token (B, 1, dim) continuing `state`."""
+        y, attention_state = self.attention.step(x, state.attention)
+        m, memory_state = self.memory.step(x, state.memory)
         return self.gate(y, m), GateMixerState(attention_state, memory_state)
 
 
@@ -126,6 +139,12 @@ class MALMixer(nn.Module):
             prefix = None if m_persistent is None else self.persistent.to(x.dtype) + m_persistent
         o, attention_state = self.attention(y, None if state is None else state.attention, prefix=prefix)
         return m + o, MALState(attention_state, memory_state, prefix)
+
+    def step(self, x: Tensor, state: MALState):
+        """`forward` of one token (B, 1, dim) continuing `state`."""
+        m, memory_state = self.memory.step(x, state.memory)
+        o, attention_state = self.attention.step(x + m, state.attention, prefix=state.prefix)
+        return m + o, MALState(attention_state, memory_state, state.prefix)
 
 
 @dataclass
@@ -176,8 +195,9 @@ class MACMixer(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, heads, T, head_dim)
 
-    def _segment_piece(self, x: Tensor, state: MACState) -> tuple[Tensor, MACState]:
-        """Tokens x (B, n, dim) that continue the current segment (state.filled + n <= segment_len)."""
+    def _segment_piece(self, x: Tensor, state: MACState, store=None) -> tuple[Tensor, MACState]:
+        """Tokens x (B, n, dim) that continue the current segment (state.filled + n <= segment_len). store: how the
+        memory stores (default: its forward)."""
         start = state.filled
         reader = NeuralMemoryState(state.segment_memory, state.memory.conv)
         h, reader = self.memory.retrieve(x, reader)  # every token of the segment reads M_{t-1}
@@ -199,7 +219,7 @@ class MACMixer(nn.Module):
         y = F.scaled_dot_product_attention(q, flat_k, flat_v, attn_mask=mask)
         y = self.out(y.transpose(1, 2).flatten(2))
         z = F.rms_norm(x + y, (self.dim,))  # the residual stream after attention, pre-normed
-        m, memory_state = self.memory(z, NeuralMemoryState(state.memory.memory, reader.conv))
+        m, memory_state = (store or self.memory)(z, NeuralMemoryState(state.memory.memory, reader.conv))
         state = MACState(memory_state, state.segment_memory, keys, values)
         if filled == self.segment_len:  # segment complete: the next one reads the memory as it is now
             empty = keys[:, :, :, :0]
@@ -220,3 +240,7 @@ class MACMixer(nn.Module):
             outputs.append(y)
             start += n
         return (torch.cat(outputs, dim=1) if outputs else x.new_zeros(x.shape)), state
+
+    def step(self, x: Tensor, state: MACState):
+        """`forward` of one token (B, 1, dim) continuing `state`: the memory stores it with `NeuralMemory.step`."""
+        return self._segment_piece(x, state, store=self.memory.step)

@@ -283,8 +283,9 @@ class Block(nn.Module):
         self.mixer_norm, self.mixer = nn.RMSNorm(dim), mixer
         self.ffn_norm, self.ffn = nn.RMSNorm(dim), SwiGLU(dim, ffn_hidden)
 
-    def forward(self, x: Tensor, state=None):
-        y, state = self.mixer(self.mixer_norm(x), state)
+    def forward(self, x: Tensor, state=None, step: bool = False):
+        """step: x is one token (B, 1, dim) continuing `state`, mixed by the mixer's decoding `step`."""
+        y, state = (self.mixer.step if step else self.mixer)(self.mixer_norm(x), state)
         x = x + y
         return x + self.ffn(self.ffn_norm(x)), state
 
@@ -321,11 +322,26 @@ class TitansLM(nn.Module):
         if tokens.shape[1] == 0:  # nothing to read or store (the mixers' convolutions need a token)
             logits = self.head(self.norm(self.embed(tokens)))
             return logits, state if state is not None else self._state([None] * len(self.blocks), 0)
+        return self._blocks(tokens, state, step=False)
+
+    def step(self, tokens: Tensor, state: TitansState | None) -> tuple[Tensor, TitansState]:
+        """`forward` of one token per sequence, tokens (B, 1), for decoding: every mixer takes its single-token path
+        (no chunk machinery). `state` must be one this model returned (it is not checked tensor by tensor); without
+        one (or before any token) this is `forward`."""
+        if state is None or state.position == 0 or any(layer is None for layer in state.layers):
+            return self(tokens, state)
+        if tokens.dim() != 2 or tokens.shape[1] != 1:
+            raise ValueError(f"step reads one token per sequence, tokens (batch, 1); got {tuple(tokens.shape)}")
+        if (state.variant, state.dim) != (self.config.variant, self.config.dim):
+            self._check_state(state, tokens.shape[0])  # raises its one-line error
+        return self._blocks(tokens, state, step=True)
+
+    def _blocks(self, tokens: Tensor, state: TitansState | None, step: bool) -> tuple[Tensor, TitansState]:
         layer_states = [None] * len(self.blocks) if state is None else state.layers
         x = self.embed(tokens)
         new_states = []
         for block, layer_state in zip(self.blocks, layer_states):
-            x, layer_state = block(x, layer_state)
+            x, layer_state = block(x, layer_state, step)
             new_states.append(layer_state)
         position = (0 if state is None else state.position) + tokens.shape[1]
         return self.head(self.norm(x)), self._state(new_states, position)
@@ -380,13 +396,14 @@ class TitansLM(nn.Module):
             if isinstance(module, NeuralMemory):
                 module.checkpoint_chunks = int(chunks)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
                  state: TitansState | None = None, generator: torch.Generator | None = None,
                  return_state: bool = False) -> Tensor | tuple[Tensor, TitansState]:
         """Continue `prompt` (B, T) by `max_new_tokens` tokens from a streaming state: greedy when temperature is 0,
         otherwise sampled from softmax(logits / temperature), restricted to the top_k most likely when given. With
-        return_state: also the state after the prompt and every generated token."""
+        return_state: also the state after the prompt and every generated token. The prompt is read in one call, each
+        new token by `step`."""
         if prompt.dim() == 1:
             prompt = prompt.unsqueeze(0)
         if prompt.dim() == 2 and prompt.shape[1] == 0 and max_new_tokens > 0:
@@ -404,7 +421,7 @@ class TitansLM(nn.Module):
                     last = last.masked_fill(last < kth, -torch.inf)
                 token = torch.multinomial(torch.softmax(last, -1), 1, generator=generator)
             out.append(token)
-            logits, state = self(token, state)
+            logits, state = self.step(token, state)
         tokens = torch.cat([prompt] + out, dim=1)
         return (tokens, state) if return_state else tokens
 

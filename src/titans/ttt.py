@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops.ttt import LN_EPS, TTTInnerState, ttt_current_weights, ttt_scan
+from .ops.ttt import LN_EPS, TTTInnerState, ttt_current_weights, ttt_scan, ttt_step
 
 
 @dataclass
@@ -177,6 +177,16 @@ class TTT(nn.Module):
         """z_t = f(q_t; W_t) for every token (W_t after the gradient steps of tokens <= t of its mini-batch), then
         post-norm, gate and output projection. The inner loop runs in fp32 (fp64 for fp64 input), even under
         autocast."""
+        return self._mix(x, state, step=False)
+
+    def step(self, x: Tensor, state: TTTState | None) -> tuple[Tensor, TTTState]:
+        """`forward` of one token x (B, 1, dim), for decoding: the inner loop is `ttt_step` (the token joins the
+        pending mini-batch and reads its own row of the dual form) instead of `ttt_scan`."""
+        if x.dim() != 3 or x.shape[1] != 1:
+            raise ValueError(f"TTT.step reads one token, got x of shape {tuple(x.shape)}")
+        return self._mix(x, state, step=True)
+
+    def _mix(self, x: Tensor, state: TTTState | None, step: bool) -> tuple[Tensor, TTTState]:
         self._check(x, state)
         dtype = torch.promote_types(x.dtype, torch.float32)
         batch = x.shape[0]
@@ -189,9 +199,12 @@ class TTT(nn.Module):
             if self.rope:  # position inside the current mini-batch
                 positions = (len(state.inner) + torch.arange(x.shape[1], device=x.device)) % self.chunk_size
                 q, k = _rotate(q, positions, self.rope_theta), _rotate(k, positions, self.rope_theta)
-            z, state.inner = ttt_scan(
-                state.inner.weights, self._rows(self.ln_weight, batch, dtype), self._rows(self.ln_bias, batch, dtype),
-                q, k, v, lr, self.token_scale(dtype), self.chunk_size, state=state.inner)
+            ln = self._rows(self.ln_weight, batch, dtype), self._rows(self.ln_bias, batch, dtype)
+            if step:
+                z, state.inner = ttt_step(*ln, q, k, v, lr, self.token_scale(dtype), self.chunk_size, state.inner)
+            else:
+                z, state.inner = ttt_scan(state.inner.weights, *ln, q, k, v, lr, self.token_scale(dtype),
+                                          self.chunk_size, state=state.inner)
         t, width = x.shape[1], self.heads * self.head_dim
         y = z.reshape(batch, self.heads, t, self.head_dim).transpose(1, 2).reshape(batch, t, width).to(x.dtype)
         y = self.post_norm(y)

@@ -64,7 +64,8 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
         with use_cache, then holds the state after them. With `labels`: the next-token loss (-100 ignored)."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError(PADDING_REFUSED)
-        logits, state = self.model(input_ids, None if cache is None else cache.state)
+        read = self.model.step if input_ids.shape[1] == 1 else self.model  # a decoding step: the single-token path
+        logits, state = read(input_ids, None if cache is None else cache.state)
         if cache is None and use_cache:
             cache = TitansCache()
         if cache is not None:

@@ -285,8 +285,9 @@ def _cat_pending(pending: PendingTokens | None, name: str, new: Tensor | None) -
 
 def _chunk_step(memory_fn: MemoryFn, W: Params, S: Params, keys: Tensor, values: Tensor, queries: Tensor, lr: Tensor,
                 products: GateProducts, max_grad_norm: float | None, complete: bool,
-                normalize_chunk_lr: bool) -> tuple[Tensor, Params, Params]:
-    """One chunk: the retrievals of its tokens and, if the chunk is complete, W and S after it."""
+                normalize_chunk_lr: bool, last_only: bool = False) -> tuple[Tensor, Params, Params]:
+    """One chunk: the retrievals of its tokens and, if the chunk is complete, W and S after it. last_only: `queries`
+    (BH, 1, d) is the last token's alone, read with the closed form of its row (a decoding step)."""
     if isinstance(memory_fn, MLPMemory):
         inputs, deltas = _inner_gradient_factors(memory_fn, W, keys, values)
         if normalize_chunk_lr:
@@ -294,7 +295,8 @@ def _chunk_step(memory_fn: MemoryFn, W: Params, S: Params, keys: Tensor, values:
         if max_grad_norm is not None:
             lr = lr * _clip_scale(_squared_gradient_norms(inputs, deltas), max_grad_norm)
         co = products.coefficients(lr)
-        y = _retrieve_in_chunk(memory_fn, W, S, queries, inputs, deltas, co, products.eta is not None)
+        y = _retrieve_in_chunk(memory_fn, W, S, queries, inputs, deltas, co.last_row() if last_only else co,
+                               products.eta is not None)
         if complete:
             W, S = _advance(memory_fn, W, S, inputs, deltas, co.last_row())
         return y, W, S
@@ -304,7 +306,7 @@ def _chunk_step(memory_fn: MemoryFn, W: Params, S: Params, keys: Tensor, values:
     if max_grad_norm is not None:
         lr = lr * _clip_scale(sum(g.flatten(2).square().sum(-1) for g in grads.values()), max_grad_norm)
     co = products.coefficients(lr)
-    y = _read_per_token(memory_fn, _weights_at(co, W, S, grads), queries)
+    y = _read_per_token(memory_fn, _weights_at(co.last_row() if last_only else co, W, S, grads), queries)
     if complete:
         end = co.last_row()
         W, S = {k: w.squeeze(1) for k, w in _weights_at(end, W, S, grads).items()}, _momentum_at_end(end, S, grads)
@@ -392,6 +394,29 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
         tail = lambda x: None if x is None else x[:, start:]  # noqa: E731
         new_pending = PendingTokens(tail(keys), tail(values), tail(lr), tail(momentum), tail(decay))
     return retrieved, MemoryState(W, S, new_pending)
+
+
+def memory_step(memory_fn: MemoryFn, key: Tensor, value: Tensor, query: Tensor, lr: Tensor, momentum: Tensor | None,
+                decay: Tensor | None, chunk_size: int, state: MemoryState, max_grad_norm: float | None = None,
+                normalize_chunk_lr: bool = False) -> tuple[Tensor, MemoryState]:
+    """`memory_scan` of one token (key, value, query (BH, 1, d); gates (BH, 1)) continuing `state`: the token joins the
+    pending ones and reads W_t with the closed form of its row of the partial chunk, W_t = b_t W_c + c_t S_c -
+    sum_j A_tj G_j (one retrieval, no padding to a whole chunk, no chunk loop); when it completes the chunk, W and S
+    advance. Equal to memory_scan up to rounding (tested)."""
+    _check_inputs(key, value, query, lr, momentum, decay, chunk_size)
+    if key.shape[1] != 1:
+        raise ValueError(f"memory_step reads one token, got {key.shape[1]}")
+    pending = state.pending
+    keys, values = _cat_pending(pending, "keys", key), _cat_pending(pending, "values", value)
+    lr, momentum, decay = (_cat_pending(pending, name, x) for name, x in
+                           (("lr", lr), ("momentum", momentum), ("decay", decay)))
+    complete = keys.shape[1] == chunk_size
+    y, W, S = _chunk_step(memory_fn, state.weights, state.momentum, keys, values, query, lr,
+                          GateProducts.build(momentum, decay, like=lr), max_grad_norm, complete, normalize_chunk_lr,
+                          last_only=True)
+    if complete:
+        return y, MemoryState(W, S)
+    return y, MemoryState(W, S, PendingTokens(keys, values, lr, momentum, decay))
 
 
 def current_weights(memory_fn: MemoryFn, state: MemoryState, max_grad_norm: float | None = None,

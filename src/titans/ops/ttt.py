@@ -132,8 +132,9 @@ def _layer_names(params: Params) -> list[tuple[str, str]]:
 
 
 def _minibatch(W: Params, q: Tensor, k: Tensor, v: Tensor, lr: Tensor, scale: Tensor, ln_weight: Tensor,
-               ln_bias: Tensor, eps: float, end: bool) -> tuple[Tensor, Params | None]:
-    """One mini-batch of n <= b tokens from weights W: the outputs f(q_i; W_i) (BH, n, d) and, if `end`, W_n."""
+               ln_bias: Tensor, eps: float, end: bool, last_only: bool = False) -> tuple[Tensor, Params | None]:
+    """One mini-batch of n <= b tokens from weights W: the outputs f(q_i; W_i) (BH, n, d) and, if `end`, W_n.
+    last_only: q (BH, 1, d) is the last token's query alone, and only its output is computed."""
     layers = _layer_names(W)
     # train view through the inner model at W^0: the inputs X_l of each layer and the pre-activations
     inputs, z = [k], k @ W["W1"] + W["b1"].unsqueeze(1)
@@ -147,11 +148,11 @@ def _minibatch(W: Params, q: Tensor, k: Tensor, v: Tensor, lr: Tensor, scale: Te
         grads.insert(0, (grads[0] @ W["W2"].transpose(-1, -2)) * _gelu_tanh_derivative(pre[0]))
     eta = torch.tril(scale.unsqueeze(-1) * lr.unsqueeze(-2))  # (BH, n, n): eta_ij = s_i lr_j, j <= i
     # dual form, layer by layer: X'_i W_i + b_i = X'_i W^0 + b^0 - sum_j eta_ij (X'_i . X_j + 1) dZ_j
-    h = q
+    h, eta_read = q, eta[:, -1:] if last_only else eta
     for layer, ((w, b), x_train, dz) in enumerate(zip(layers, inputs, grads)):
         if layer:
             h = gelu_tanh(h)
-        mix = eta * (h @ x_train.transpose(-1, -2) + 1)
+        mix = eta_read * (h @ x_train.transpose(-1, -2) + 1)
         h = h @ W[w] + W[b].unsqueeze(1) - mix @ dz
     out = q + _layer_norm(h, ln_weight, ln_bias, eps)[0]
     if not end:
@@ -220,6 +221,25 @@ def ttt_scan(params: Params, ln_weight: Tensor, ln_bias: Tensor, queries: Tensor
     pending = TTTPending(keys[:, full:], values[:, full:], lr[:, full:]) if total % b else None
     y = torch.cat(outputs, 1)[:, offset:] if outputs else queries[:, offset:]
     return y, TTTInnerState(W, pending)
+
+
+def ttt_step(ln_weight: Tensor, ln_bias: Tensor, query: Tensor, key: Tensor, value: Tensor, lr: Tensor,
+             token_scale: Tensor, mini_batch_size: int, state: TTTInnerState,
+             eps: float = LN_EPS) -> tuple[Tensor, TTTInnerState]:
+    """`ttt_scan` of one token (query, key, value (BH, 1, d), lr (BH, 1)) continuing `state`: the token joins the
+    pending ones and only its own output is read (the dual form's last row); no loop, no padded queries."""
+    _check(state.weights, ln_weight, ln_bias, query, key, value, lr, token_scale, mini_batch_size)
+    if key.shape[1] != 1:
+        raise ValueError(f"ttt_step reads one token, got {key.shape[1]}")
+    p = state.pending
+    if p is not None:
+        key, value, lr = torch.cat([p.keys, key], 1), torch.cat([p.values, value], 1), torch.cat([p.lr, lr], 1)
+    n = key.shape[1]
+    out, new = _minibatch(state.weights, query, key, value, lr, token_scale[:n], ln_weight, ln_bias, eps,
+                          end=n == mini_batch_size, last_only=True)
+    if new is not None:  # the mini-batch is complete
+        return out, TTTInnerState(new)
+    return out, TTTInnerState(state.weights, TTTPending(key, value, lr))
 
 
 def ttt_current_weights(state: TTTInnerState, ln_weight: Tensor, ln_bias: Tensor, token_scale: Tensor,
