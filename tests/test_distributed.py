@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from titans.runtime import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, is_main_process
+from titans.runtime import DistInfo, all_gather_cat, all_reduce_sum, barrier, cleanup, init_distributed
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 GLOBAL_BATCH, STEPS = 8, 3
@@ -22,7 +22,7 @@ import json, sys
 import torch
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
-from titans.runtime import all_reduce_mean, barrier, cleanup, init_distributed, is_main_process
+from titans.runtime import all_gather_cat, all_reduce_sum, barrier, cleanup, init_distributed
 
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from test_distributed import make_model, make_data
@@ -31,7 +31,7 @@ info = init_distributed("cpu")
 out = sys.argv[1]
 with open(f"{{out}}/rank{{info.rank}}.json", "w") as f:
     json.dump({{"rank": info.rank, "world_size": info.world_size, "local_rank": info.local_rank,
-               "device": str(info.device), "is_main": is_main_process(),
+               "device": str(info.device), "is_main": info.is_main,
                "initialized": torch.distributed.is_initialized()}}, f)
 model = make_model()
 ddp = DistributedDataParallel(model)
@@ -45,12 +45,13 @@ for step in range(x.shape[0]):
     opt.zero_grad()
     loss.backward()
     opt.step()
-    losses.append(all_reduce_mean(loss))
-rank_mean = all_reduce_mean(torch.tensor([float(info.rank), 10.0 * info.rank]))
+    losses.append(all_reduce_sum(loss.detach()) / info.world_size)
+rank_mean = all_reduce_sum(torch.tensor([float(info.rank), 10.0 * info.rank])) / info.world_size
+ranks = all_gather_cat(torch.tensor([info.rank, 10 * info.rank]))
 barrier()
-if is_main_process():
+if info.is_main:
     state = {{k: v.contiguous() for k, v in model.state_dict().items()}}
-    save_file({{"losses": torch.stack(losses), "rank_mean": rank_mean, **state}}, f"{{out}}/result.safetensors")
+    save_file({{"losses": torch.stack(losses), "rank_mean": rank_mean, "ranks": ranks, **state}}, f"{{out}}/result.safetensors")
 del ddp  # a DDP reducer outliving its gloo group can abort the process at exit
 cleanup()
 """
@@ -91,10 +92,8 @@ def test_single_process_is_a_no_op(no_torchrun_env):
     expected_device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     assert info == DistInfo(rank=0, world_size=1, local_rank=0, device=expected_device) and info.is_main
     assert not torch.distributed.is_initialized()
-    assert is_main_process()
     t = torch.tensor([1.0, 3.0])
-    mean = all_reduce_mean(t)
-    assert torch.equal(mean, t) and mean is not t
+    assert all_reduce_sum(t) is t and all_gather_cat(t) is t
     barrier()
     cleanup()
 
@@ -132,6 +131,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     ]
     result = load_file(tmp_path / "result.safetensors")
     assert torch.equal(result.pop("rank_mean"), torch.tensor([0.5, 5.0]))
+    assert torch.equal(result.pop("ranks"), torch.tensor([0, 0, 1, 10]))  # all_gather_cat: rank order, first dim
     ref_losses, ref_state = single_process_reference()
     torch.testing.assert_close(result.pop("losses"), ref_losses, rtol=1e-5, atol=1e-6)
     assert result.keys() == ref_state.keys()

@@ -17,9 +17,7 @@ from titans.data.niah import (
     load_key_words,
     postprocess_prediction,
     string_match_all,
-    teacher_forced_exact_match,
 )
-from titans.data.synthetic import sequence_accuracy
 from titans.data.tokenizer import BPETokenizer, ByteTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "niah"
@@ -128,23 +126,24 @@ def test_million_token_prompt_is_practical():
     assert len(s.input.encode()) + len(s.answer_prefix.encode()) == s.prompt_length
 
 
-def test_teacher_forced_exact_match():
+def test_as_example_scores_the_answer_only():
+    """The teacher-forced example (what the needle grid scores) scores every answer token and nothing else."""
     s = make("niah_single_2", ByteTokenizer()).sample(1024, depth=50)
-    oracle = F.one_hot(s.token_ids[1:], 256).float()  # logits for inputs token_ids[:-1]
-    assert teacher_forced_exact_match(oracle, s)
-    assert teacher_forced_exact_match(oracle[None], s)
-    assert teacher_forced_exact_match(oracle[list(s.prediction_positions)], s)  # only the rows that matter
+    example = s.as_example()
+    targets, mask = example["targets"], example["loss_mask"]
+    assert targets[mask].tolist() == s.token_ids[list(s.answer_positions)].tolist()
+    oracle = F.one_hot(targets, 256).float()  # logits for inputs token_ids[:-1]
+
+    def exact(logits):
+        return bool(((logits.argmax(-1) == targets) | ~mask).all())
+
+    assert exact(oracle)
     wrong = oracle.clone()
-    wrong[s.prediction_positions[-1]] = F.one_hot(torch.tensor(ord("x")), 256).float()
-    assert not teacher_forced_exact_match(wrong, s)
+    wrong[-1] = F.one_hot(torch.tensor(ord("x")), 256).float()
+    assert not exact(wrong)
     prompt_errors = oracle.clone()
     prompt_errors[: s.prompt_length - 1] = 0  # mistakes before the answer do not count
-    assert teacher_forced_exact_match(prompt_errors, s)
-    example = s.as_example()
-    assert sequence_accuracy(oracle[None], example["targets"][None], example["loss_mask"][None]) == 1.0
-    assert sequence_accuracy(wrong[None], example["targets"][None], example["loss_mask"][None]) == 0.0
-    with pytest.raises(ValueError, match="logits must be"):
-        teacher_forced_exact_match(oracle[:10], s)
+    assert exact(prompt_errors)
 
 
 def test_string_match_all_is_rulers_metric():

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_gather_cat", "all_reduce_mean", "all_reduce_sum", "autocast_for", "barrier",
-           "choose_device", "cleanup", "init_distributed", "is_distributed", "is_main_process", "seed_everything"]
+__all__ = ["DistInfo", "all_gather_cat", "all_reduce_sum", "autocast_for", "barrier", "choose_device", "cleanup",
+           "init_distributed", "is_distributed", "seed_everything"]
 
 
 def choose_device(device: str, local_rank: int | None = None) -> torch.device:
@@ -107,11 +107,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def is_main_process() -> bool:
-    """True on rank 0 or when not distributed."""
-    return not is_distributed() or dist.get_rank() == 0
-
-
 def barrier() -> None:
     """Wait for every process (no-op when not distributed)."""
     if is_distributed():
@@ -135,13 +130,6 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The element-wise mean of ``tensor`` over all processes, as a new tensor (a copy when not distributed)."""
-    if not is_distributed():
-        return tensor.detach().clone()
-    return all_reduce_sum(tensor.detach()) / dist.get_world_size()
 
 
 def cleanup() -> None:

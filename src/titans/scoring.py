@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -58,13 +58,6 @@ class Scores:
     @property
     def sequence_accuracy(self) -> float:
         return self.sequences_correct / self.sequences if self.sequences else math.nan
-
-    def summary(self) -> dict[str, float]:
-        """loss, perplexity, bits per token, accuracy, sequence accuracy and the raw counts."""
-        return {"loss": self.loss, "perplexity": math.exp(min(self.loss, 700.0)),
-                "bits_per_token": self.loss / math.log(2), "accuracy": self.accuracy,
-                "sequence_accuracy": self.sequence_accuracy, **{k: v for k, v in asdict(self).items()
-                                                                 if k != "loss_sum"}}
 
 
 @torch.no_grad()

@@ -52,7 +52,6 @@ __all__ = [
     "load_key_words",
     "NIAHSample",
     "NIAHGenerator",
-    "teacher_forced_exact_match",
     "postprocess_prediction",
     "string_match_all",
     "generation_score",
@@ -208,11 +207,6 @@ class NIAHSample:
         return range(self.prompt_length, len(self.token_ids))
 
     @property
-    def prediction_positions(self) -> range:
-        """Positions whose next-token logits predict the answer (one before each answer token)."""
-        return range(self.prompt_length - 1, len(self.token_ids) - 1)
-
-    @property
     def needle_depth(self) -> float:
         """Where the needle starts, as a fraction of the context's tokens."""
         return (self.needle_position - self.context_start) / (self.context_end - self.context_start)
@@ -339,22 +333,6 @@ class NIAHGenerator:
             for i, (n, d) in enumerate(cells)
             for j in range(samples_per_cell)
         ]
-
-
-def teacher_forced_exact_match(logits: torch.Tensor, sample: NIAHSample) -> bool:
-    """Whether the arg-max of ``logits`` reproduces every answer token.
-
-    ``logits`` are ``(T, vocab)`` (a leading batch of 1 is allowed) for either the whole sequence
-    (``T = len(token_ids) - 1`` when fed ``token_ids[:-1]``, or ``len(token_ids)``) or only the rows at
-    ``sample.prediction_positions`` (``T = number of answer tokens``), which spares a 1M x vocab tensor.
-    """
-    if logits.dim() == 3 and logits.shape[0] == 1:
-        logits = logits[0]
-    n_answer, n = len(sample.answer_positions), len(sample.token_ids)
-    if logits.dim() != 2 or logits.shape[0] not in (n - 1, n, n_answer):
-        raise ValueError(f"logits must be (T, vocab) with T in ({n - 1}, {n}, {n_answer}), got {tuple(logits.shape)}")
-    rows = logits if logits.shape[0] == n_answer else logits[list(sample.prediction_positions)]
-    return bool((rows.argmax(-1) == sample.token_ids[list(sample.answer_positions)]).all())
 
 
 def postprocess_prediction(text: str) -> str:

@@ -12,8 +12,7 @@ key-query ``distance``).
 
 :class:`SyntheticDataset` is a map-style ``torch.utils.data.Dataset`` whose item ``i`` depends only on
 ``(seed, i)``, so it is reproducible, order-independent and safe with any number of workers.
-:func:`masked_cross_entropy`, :func:`masked_accuracy` and :func:`sequence_accuracy` score model logits
-``(..., T, vocab)`` against these examples.
+:mod:`titans.scoring` scores a model on them.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 __all__ = [
@@ -36,9 +34,6 @@ __all__ = [
     "TASKS",
     "make_task",
     "example_rng",
-    "masked_cross_entropy",
-    "masked_accuracy",
-    "sequence_accuracy",
 ]
 
 Example = dict[str, torch.Tensor]
@@ -302,41 +297,3 @@ class SyntheticDataset(Dataset):
         if not 0 <= index < self.num_examples:
             raise IndexError(f"index {index} out of range for {self.num_examples} examples")
         return self.task.generate(example_rng(self.seed, index))
-
-
-def _check_shapes(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> None:
-    if logits.shape[:-1] != targets.shape or targets.shape != loss_mask.shape:
-        raise ValueError(
-            f"logits (..., T, vocab) must match targets and loss_mask (..., T): got logits {tuple(logits.shape)}, "
-            f"targets {tuple(targets.shape)}, loss_mask {tuple(loss_mask.shape)}"
-        )
-
-
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the scored positions."""
-    _check_shapes(logits, targets, loss_mask)
-    mask = loss_mask.bool()
-    if not mask.any():
-        raise ValueError("loss_mask selects no position")
-    return F.cross_entropy(logits[mask].float(), targets[mask])
-
-
-def masked_accuracy(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Fraction of scored positions whose arg-max prediction equals the target."""
-    _check_shapes(logits, targets, loss_mask)
-    mask = loss_mask.bool()
-    if not mask.any():
-        raise ValueError("loss_mask selects no position")
-    return (logits.argmax(-1) == targets)[mask].float().mean()
-
-
-def sequence_accuracy(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Fraction of sequences (rows of ``(batch, T)`` inputs) whose scored positions are all predicted exactly."""
-    _check_shapes(logits, targets, loss_mask)
-    if targets.dim() != 2:
-        raise ValueError(f"sequence_accuracy expects (batch, T) targets, got shape {tuple(targets.shape)}")
-    mask = loss_mask.bool()
-    if not mask.any(dim=1).all():
-        raise ValueError("every sequence needs at least one scored position")
-    wrong = (logits.argmax(-1) != targets) & mask
-    return (~wrong.any(dim=1)).float().mean()
