@@ -51,7 +51,8 @@ ranks = all_gather_cat(torch.tensor([info.rank, 10 * info.rank]))
 barrier()
 if info.is_main:
     state = {{k: v.contiguous() for k, v in model.state_dict().items()}}
-    save_file({{"losses": torch.stack(losses), "rank_mean": rank_mean, "ranks": ranks, **state}}, f"{{out}}/result.safetensors")
+    save_file({{"losses": torch.stack(losses), "rank_mean": rank_mean, "ranks": ranks, **state}},
+              f"{{out}}/result.safetensors")
 del ddp  # a DDP reducer outliving its gloo group can abort the process at exit
 cleanup()
 """
