@@ -347,15 +347,22 @@ def test_legacy_checkpoint_loads_with_a_one_line_warning(tmp_path, capsys, confi
 
 
 def test_text_benchmarks_report_the_generation_score(tmp_path, capsys, trained_run, monkeypatch):
-    """The RULER grid and BABILong print their generation scores beside the teacher-forced accuracy."""
+    """The RULER grid and BABILong print their generation scores beside the teacher-forced accuracy; --generate-tokens
+    sets the budget (0: no generation)."""
     import titans.evaluate
 
-    def needle(run, out, lengths, depths, samples, task=None):
-        return {"task": "niah_single_1", "lengths": lengths, "depths": depths, "accuracy": [[0.5, 1.0]],
-                "mean_accuracy": 0.75, "generation": [[0.25, 0.0]], "mean_generation": 0.125}
+    calls = []
 
-    def babilong(run, out, lengths, samples, task, split):
-        return {"task": task, "split": split, "by_length": {64: 0.5}, "generation_by_length": {64: 0.25}}
+    def needle(run, out, lengths, depths, samples, task=None, new_tokens=None):
+        calls.append(new_tokens)
+        result = {"task": "niah_single_1", "lengths": lengths, "depths": depths, "accuracy": [[0.5, 1.0]],
+                  "mean_accuracy": 0.75}
+        return result if new_tokens == 0 else {**result, "generation": [[0.25, 0.0]], "mean_generation": 0.125}
+
+    def babilong(run, out, lengths, samples, task, split, new_tokens=None):
+        calls.append(new_tokens)
+        result = {"task": task, "split": split, "by_length": {64: 0.5}}
+        return result if new_tokens == 0 else {**result, "generation_by_length": {64: 0.25}}
 
     monkeypatch.setattr(titans.evaluate, "eval_needle", needle)
     monkeypatch.setattr(titans.evaluate, "eval_babilong", babilong)
@@ -366,3 +373,12 @@ def test_text_benchmarks_report_the_generation_score(tmp_path, capsys, trained_r
     assert lines[at - 1].split() == ["64", "0.50", "1.00"] and lines[at + 2].split() == ["64", "0.25", "0.00"]
     code, out, _ = run(capsys, "eval", trained_run, "--task", "babilong", "--lengths", "64", "--out", tmp_path)
     assert code == 0 and "length      64: accuracy 0.500  generation 0.250" in out
+    code, out, _ = run(capsys, "eval", trained_run, "--task", "needle", "--lengths", "64", "--depths", "0", "1",
+                       "--generate-tokens", "0", "--out", tmp_path)
+    assert code == 0 and "mean accuracy 0.750\n" in out and "generation" not in out
+    code, out, _ = run(capsys, "eval", trained_run, "--task", "babilong", "--lengths", "64", "--generate-tokens", "7",
+                       "--out", tmp_path)
+    assert code == 0 and "length      64: accuracy 0.500  generation 0.250" in out
+    assert calls == [None, None, 0, 7]
+    code, _, err = run(capsys, "niah", trained_run, "--generate-tokens", "-1")
+    assert code == 2 and err == "titans: error: --generate-tokens must be >= 0, got -1\n"

@@ -290,6 +290,8 @@ def test_ruler_needle_grid(tmp_path, text_corpus, monkeypatch):
         assert result["generation"] == [[accuracy] * 2] * 2 and result["mean_generation"] == accuracy
     assert (tmp_path / "needle_niah_single_2.png").is_file()
     assert json.loads((tmp_path / "needle_niah_single_2.json").read_text())["generation"] == [[0.0] * 2] * 2
+    result = evaluate.eval_needle(run, tmp_path, lengths, depths, samples=2, task="niah_single_2", new_tokens=0)
+    assert result["accuracy"] == [[0.0] * 2] * 2 and "generation" not in result  # teacher-forced accuracy only
 
 
 def test_greedy_continuation_streams_the_prompt():
@@ -329,3 +331,4 @@ def test_babilong_accuracy_by_length(tmp_path, text_corpus):
         result = evaluate.eval_babilong(run, tmp_path, lengths=[64], samples=2)
         assert result["by_length"] == {64: accuracy}
         assert result["generation_by_length"] == {64: accuracy}  # BABILong's verdict on the greedy continuation
+    assert "generation_by_length" not in evaluate.eval_babilong(run, tmp_path, lengths=[64], samples=2, new_tokens=0)

@@ -141,20 +141,24 @@ def _eval(args: argparse.Namespace) -> int:
                       [f"length {n:>6}: accuracy {v['accuracy']:.3f}  sequences exact {v['sequence_accuracy']:.3f}"
                        for n, v in r["by_length"].items()])
     elif task == "needle":
-        return _needle_report(run, out, args.needle_task, lengths, args.depths or list(eval_cfg.depths), samples)
+        return _needle_report(run, out, args.needle_task, lengths, args.depths or list(eval_cfg.depths), samples,
+                              args.generate_tokens)
     else:
-        r = evaluate.eval_babilong(run, out, lengths, samples, task=args.babilong_task, split=args.split)
+        r = evaluate.eval_babilong(run, out, lengths, samples, task=args.babilong_task, split=args.split,
+                                   new_tokens=args.generate_tokens)
+        generation = r.get("generation_by_length", {})
         _print_result(f"{run.name}: BABILong {r['task']} ({r['split']} books), {samples} samples per length",
                       out / f"babilong_{r['task']}",
-                      [f"length {n:>7}: accuracy {a:.3f}  generation {r['generation_by_length'][n]:.3f}"
+                      [f"length {n:>7}: accuracy {a:.3f}" + (f"  generation {generation[n]:.3f}" if generation else "")
                        for n, a in r["by_length"].items()])
     return 0
 
 
-def _needle_report(run, out: Path, task: str | None, lengths: list[int], depths: list[float], samples: int) -> int:
+def _needle_report(run, out: Path, task: str | None, lengths: list[int], depths: list[float], samples: int,
+                   new_tokens: int | None) -> int:
     from titans import evaluate
 
-    r = evaluate.eval_needle(run, out, lengths, depths, samples, task=task)
+    r = evaluate.eval_needle(run, out, lengths, depths, samples, task=task, new_tokens=new_tokens)
     header = "length \\ depth " + " ".join(f"{d:>6g}" for d in r["depths"])
     lines = [header, *(f"{n:>14} " + " ".join(f"{a:>6.2f}" for a in row)
                        for n, row in zip(r["lengths"], r["accuracy"], strict=True))]
@@ -175,7 +179,7 @@ def _niah(args: argparse.Namespace) -> int:
     eval_cfg = run.config.eval
     return _needle_report(run, _writable(Path(args.out) if args.out else run.run_dir / "eval"), args.task,
                           args.lengths or list(eval_cfg.lengths), args.depths or list(eval_cfg.depths),
-                          args.samples or eval_cfg.samples)
+                          args.samples or eval_cfg.samples, args.generate_tokens)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -322,8 +326,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- flag values
-_AT_LEAST = {"max_new_tokens": 0, "stop_at": 0, "top_k": 1, "samples": 1, "lengths": 1, "max_tokens": 1,
-             "piece_len": 1, "length": 1, "steps": 1, "threads": 1}
+_AT_LEAST = {"max_new_tokens": 0, "generate_tokens": 0, "stop_at": 0, "top_k": 1, "samples": 1, "lengths": 1,
+             "max_tokens": 1, "piece_len": 1, "length": 1, "steps": 1, "threads": 1}
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -364,6 +368,9 @@ def _add_grid(parser: argparse.ArgumentParser) -> None:
                         help="needle depths as fractions of the context, 0 = start, 1 = end "
                              "(default: the run's eval.depths)")
     parser.add_argument("--samples", type=int, metavar="N", help="samples per length or cell (default: eval.samples)")
+    parser.add_argument("--generate-tokens", type=int, metavar="N",
+                        help="RULER needles and BABILong: greedy tokens generated per prompt for the generation score "
+                             "(default: the benchmark's, RULER 128, BABILong 20; 0: teacher-forced accuracy only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,8 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("auto", "lm", "synthetic", "needle", "babilong"), default="auto",
                    help="lm: perplexity and bits per byte on held-out text; synthetic: accuracy of the run's "
                         "synthetic task by length; needle: accuracy by context length x depth (RULER tasks: also "
-                        "RULER's generation score); babilong: BABILong accuracy by length, teacher-forced and of greedy "
-                        "generation (text runs). auto (default): lm for text runs, else synthetic")
+                        "RULER's generation score); babilong: BABILong accuracy by length, teacher-forced and of "
+                        "greedy generation (text runs). auto (default): lm for text runs, else synthetic")
     _add_grid(p)
     p.add_argument("--split", choices=("validation", "test"), default="validation",
                    help="held-out split: lm's text, babilong's background books (default: validation)")

@@ -272,8 +272,9 @@ def _synthetic_needle(run: LoadedRun, seed: int) -> Callable[[int, float, int], 
 
 
 def _ruler_grids(run: LoadedRun, task: str, lengths: Sequence[int], depths: Sequence[float], samples: int,
-                 seed: int) -> tuple[list[list[float]], list[list[float]]]:
-    """The S-NIAH grids of teacher-forced exact match and of RULER's generation score (fractions)."""
+                 seed: int, new_tokens: int | None) -> tuple[list[list[float]], list[list[float]] | None]:
+    """The S-NIAH grids of teacher-forced exact match and of RULER's generation score (fractions; None when
+    ``new_tokens`` is 0)."""
     from titans.data.niah import NIAHGenerator
 
     tokenizer = run_tokenizer(run)
@@ -286,20 +287,21 @@ def _ruler_grids(run: LoadedRun, task: str, lengths: Sequence[int], depths: Sequ
             cell = [generator.sample(length, depth=100 * depth, seed=seed, index=i) for i in range(samples)]
             scores = _score_examples(run, [s.as_example() for s in cell], run.config.eval.batch_size)
             accuracy[-1].append(scores.sequence_accuracy)
-            generation[-1].append(float(np.mean([
-                ruler_generation_score(run, s, tokenizer, generator.answer_budget) for s in cell])))
-    return accuracy, generation
+            if new_tokens != 0:
+                generation[-1].append(float(np.mean([ruler_generation_score(
+                    run, s, tokenizer, generator.answer_budget if new_tokens is None else new_tokens) for s in cell])))
+    return accuracy, generation if new_tokens != 0 else None
 
 
 def eval_needle(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], depths: Sequence[float], samples: int,
-                task: str | None = None, seed: int = 42) -> dict:
+                task: str | None = None, seed: int = 42, new_tokens: int | None = None) -> dict:
     """The needle grid, written to ``needle_<task>.json`` and a heatmap ``needle_<task>.png``.
 
     ``task``: ``synthetic`` (the synthetic needle task: a marked token among random ones, asked for at the end) or a
     RULER single-needle task (``niah_single_1``/``2``/``3``) for text runs; default: synthetic for synthetic runs,
     ``niah_single_1`` for text runs. RULER tasks also get RULER's own metric: ``generation`` holds, per cell, the
     mean :func:`~titans.data.niah.generation_score` (as a fraction) of greedy continuations of the prompts of up to
-    RULER's 128 tokens."""
+    ``new_tokens`` tokens (default: RULER's 128; 0: no generation)."""
     task = task or ("niah_single_1" if run.config.data.task == "text" else "synthetic")
     generation = None
     if task == "synthetic":
@@ -308,7 +310,7 @@ def eval_needle(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], dep
         raise ValueError(f"the {task} needle is text; {run.run_dir} was trained on the {run.config.data.task} task "
                          f"(use --task synthetic)")
     else:
-        grid, generation = _ruler_grids(run, task, lengths, depths, samples, seed)
+        grid, generation = _ruler_grids(run, task, lengths, depths, samples, seed, new_tokens)
     result = {"run": run.name, "checkpoint": str(run.checkpoint), "task": task, "lengths": list(lengths),
               "depths": list(depths), "samples": samples, "accuracy": grid,
               "mean_accuracy": float(np.mean(grid))}
@@ -322,11 +324,12 @@ def eval_needle(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], dep
 
 # ------------------------------------------------------------------------------------------------ BABILong
 def eval_babilong(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], samples: int, task: str = "qa1",
-                  split: str = "test", seed: int = 0) -> dict:
+                  split: str = "test", seed: int = 0, new_tokens: int | None = None) -> dict:
     """BABILong accuracy at each context length in tokens, with background from the corpus's ``split`` books:
     ``by_length`` the teacher-forced exact match of the answer, ``generation_by_length`` BABILong's own verdict
     (:meth:`~titans.data.babilong.BabilongSample.score`) on a greedy continuation of context and question of up to
-    :data:`BABILONG_NEW_TOKENS` tokens. Written to ``babilong_<task>.json`` and ``.png``."""
+    ``new_tokens`` tokens (default: :data:`BABILONG_NEW_TOKENS`; 0: no generation, no ``generation_by_length``).
+    Written to ``babilong_<task>.json`` and ``.png``."""
     from titans.data.babilong import BabilongGenerator
 
     tokenizer = run_tokenizer(run)
@@ -339,18 +342,22 @@ def eval_babilong(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], s
         cell = [generator.sample(length, seed=seed, index=i) for i in range(samples)]
         by_length[int(length)] = _score_examples(run, [s.as_example() for s in cell],
                                                  run.config.eval.batch_size).sequence_accuracy
-        generation[int(length)] = float(np.mean([_babilong_generation(run, s, tokenizer) for s in cell]))
+        if new_tokens != 0:
+            budget = BABILONG_NEW_TOKENS if new_tokens is None else new_tokens
+            generation[int(length)] = float(np.mean([_babilong_generation(run, s, tokenizer, budget) for s in cell]))
     result = {"run": run.name, "checkpoint": str(run.checkpoint), "task": task, "split": split, "samples": samples,
-              "by_length": by_length, "generation_by_length": generation}
+              "by_length": by_length}
+    if new_tokens != 0:
+        result["generation_by_length"] = generation
     out = Path(out_dir) / f"babilong_{task}"
     plot_accuracy_vs_length({run.name: by_length}, out.with_suffix(".png"), f"BABILong {task}: accuracy by length")
     write_json(out.with_suffix(".json"), result)
     return result
 
 
-def _babilong_generation(run: LoadedRun, sample, tokenizer: Tokenizer) -> bool:
+def _babilong_generation(run: LoadedRun, sample, tokenizer: Tokenizer, new_tokens: int) -> bool:
     """BABILong's verdict on the greedy continuation of one sample's context and question. Generation stops at the
     first full stop: BABILong judges only the first sentence."""
     prompt = torch.cat([sample.context_ids, sample.question_ids])
-    ids = greedy_continuation(run, prompt, BABILONG_NEW_TOKENS, lambda ids: "." in tokenizer.decode(ids))
+    ids = greedy_continuation(run, prompt, new_tokens, lambda ids: "." in tokenizer.decode(ids))
     return sample.score(tokenizer.decode(ids))
