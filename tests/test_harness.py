@@ -209,3 +209,19 @@ def test_shipped_tasks_rebuild_from_the_corpus(tmp_path):
     build(tmp_path / "tasks", tmp_path / "corpus")
     for name in ("cloze.jsonl", "ppl.jsonl"):
         assert (tmp_path / "tasks" / name).read_bytes() == (TASKS_DIR / name).read_bytes()
+
+
+def test_without_lm_eval():
+    script = """
+import sys
+
+class Absent:  # lm-eval as if not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "lm_eval":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Absent())
+import titans.harness
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "pip install 'titans[eval]'" in out.stderr.strip().splitlines()[-1]

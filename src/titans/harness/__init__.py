@@ -33,9 +33,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import lm_eval.models  # noqa: F401  (lm-eval's own models first: get_model fills only an empty registry)
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
+try:
+    import lm_eval.models  # noqa: F401  (lm-eval's own models first: get_model fills only an empty registry)
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ModuleNotFoundError as exc:
+    if exc.name is None or exc.name.split(".")[0] != "lm_eval":
+        raise
+    raise ModuleNotFoundError("titans.harness needs lm-eval: pip install 'titans[eval]'", name="lm_eval") from None
 from titans.data.tokenizer import Tokenizer, load_tokenizer
 from titans.evaluate import LoadedRun, load_run, run_tokenizer
 from titans.model import stream
