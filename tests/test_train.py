@@ -369,9 +369,11 @@ def test_document_sampling_carries_the_state_within_documents(tmp_path, document
     assert losses(tmp_path / "whole") == losses(tmp_path / "split")
 
 
-def test_document_sampling_needs_text():
+def test_document_sampling_needs_text_and_enough_documents(documents_corpus):
     with pytest.raises(ConfigError, match="'data.sampling' must be windows unless data.task is text"):
         tiny(data={"sampling": "documents"})
+    with pytest.raises(ConfigError, match=r"train.batch_size \(8\) documents side by side, but the train split has 6"):
+        make_batches(documents_config(documents_corpus, batch_size=8))
 
 
 @pytest.mark.parametrize("variant", ["mac", "mag", "mal", "transformer", "deltanet", "ttt"])

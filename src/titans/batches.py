@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -174,8 +175,14 @@ def make_batches(config: RunConfig, split: str = "train", *, rank: int = 0,
         return SyntheticBatches(make_task_from_config(config), batch_size, seed=seed, rank=rank,
                                 world_size=world_size)
     stream = open_text_stream(config, "train" if split == "train" else "validation")
-    source = DocumentBatches if split == "train" and config.data.sampling == "documents" else TextBatches
-    return source(stream, config.train.seq_len, batch_size, seed=seed, rank=rank, world_size=world_size)
+    if split == "train" and config.data.sampling == "documents":
+        documents = int((np.diff(stream.offsets) >= 2).sum())
+        if documents < batch_size:
+            raise ConfigError(f"'data.sampling' documents reads train.batch_size ({batch_size}) documents side by "
+                              f"side, but the train split has {documents} (of at least 2 tokens): lower the batch "
+                              f"size or use windows")
+        return DocumentBatches(stream, config.train.seq_len, batch_size, seed=seed, rank=rank, world_size=world_size)
+    return TextBatches(stream, config.train.seq_len, batch_size, seed=seed, rank=rank, world_size=world_size)
 
 
 def open_text_stream(config: RunConfig, split: str) -> TokenStream:

@@ -113,7 +113,8 @@ class DataConfig:
     """Training sequences of the text task. windows: shuffled windows of train.seq_len tokens, each read from a fresh
     state. documents: every batch row reads a whole document in consecutive train.seq_len-token segments, one per
     optimizer step, with the model state carried from step to step (gradients stop at the step) and reset when the
-    rows move on to new documents together (documents of similar length side by side; the shorter ones padded)."""
+    rows move on to new documents together (documents of similar length side by side; the shorter ones padded). Full
+    attention (transformer) then keeps the keys of the whole document so far."""
 
     def __post_init__(self) -> None:
         check(self.sampling == "windows" or self.task == "text", "sampling",
