@@ -43,10 +43,10 @@ sequence, can give), the answer loss and the accuracy in distance bins. The best
 with the highest mean accuracy over the test sets (Zoology reports the best of its sweep the same way; a diverged run
 counts -1); every run is kept in the JSON. With several seeds a cell is the mean over seeds and its min-max spread.
 
-Budget: a training step of the default mix costs (CPU seconds on one thread, measured in the default grid) mag 0.80,
-mac 0.79, mal 0.71, lmm 0.63, ttt 0.57, gated_deltanet 0.25, deltanet 0.24, swa 0.14, transformer 0.13: 4.3 s per
-step for all nine variants. The default 700 steps took 2,988 CPU seconds of training and ~100 s of tests: ~26 minutes
-with --jobs 2 on two otherwise idle cores. On a busy machine it is longer (55 minutes while other work shared the
+Budget: a training step of the default mix costs (CPU seconds on one thread, measured in the default grid) mac 0.84,
+mag 0.68, mal 0.66, lmm 0.57, ttt 0.55, gated_deltanet 0.24, deltanet 0.23, swa 0.13, transformer 0.11: 4.0 s per
+step for all nine variants. The default 700 steps took 2,813 CPU seconds of training and ~70 s of tests: ~25 minutes
+with --jobs 2 on two otherwise idle cores. On a busy machine it is longer (37 minutes while other work shared the
 cores); the wall and CPU seconds of every run are in the JSON.
 
 Outputs in --out (default runs/bench_mqar): results.json (configuration, machine, every run, the summary), results.md
