@@ -8,7 +8,8 @@ Prefill: one call of the model on a (1, --prompt-len) prompt of random tokens. D
 so every timed call reads one token). Both under torch.inference_mode, after a warm-up, the median of --repeats; the
 ratio decode / prefill is what issue 11 asks to be >= 0.25. Every measurement runs in a fresh process; with --ref, a
 process on the checkout at --ref (its src/ first on PYTHONPATH) alternates with one on this checkout, and the table adds
-the reference's decode tok/s and the speed-up. Writes the medians and every run as JSON (--json).
+the reference's decode tok/s, the speed-up, and whether both generated the same greedy tokens. Writes the medians and
+every run as JSON (--json).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def measure(args: argparse.Namespace, variant: str) -> dict[str, float]:
-    """Median prefill and decode tok/s of one variant, in this process."""
+def measure(args: argparse.Namespace, variant: str) -> dict:
+    """Median prefill and decode tok/s of one variant, in this process, and the greedy tokens it generated."""
     import torch
 
     from titans.model import TitansLM, preset
@@ -42,15 +43,16 @@ def measure(args: argparse.Namespace, variant: str) -> dict[str, float]:
             _, state = model(prompt[:, :-1])
             prefill_s = time.perf_counter() - start
             start = time.perf_counter()
-            model.generate(prompt[:, -1:], args.new_tokens, state=state)
+            tokens = model.generate(prompt[:, -1:], args.new_tokens, state=state)
             decode_s = time.perf_counter() - start
             if i:
                 prefill.append((args.prompt_len - 1) / prefill_s)
                 decode.append(args.new_tokens / decode_s)
-    return {"prefill": statistics.median(prefill), "decode": statistics.median(decode)}
+    return {"prefill": statistics.median(prefill), "decode": statistics.median(decode),
+            "tokens": tokens[0, 1:].tolist()}
 
 
-def run_worker(args: argparse.Namespace, src: Path, variant: str) -> dict[str, float]:
+def run_worker(args: argparse.Namespace, src: Path, variant: str) -> dict:
     """`measure` in a fresh process importing titans from `src`."""
     command = [sys.executable, __file__, "--worker", "--variants", variant, "--preset", args.preset,
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
@@ -81,7 +83,7 @@ def main() -> int:
         return 0
 
     checkouts = {"this": SRC} | ({"ref": args.ref.resolve() / "src"} if args.ref else {})
-    runs: dict[str, dict[str, list[dict[str, float]]]] = {v: {name: [] for name in checkouts} for v in args.variants}
+    runs: dict[str, dict[str, list[dict]]] = {v: {name: [] for name in checkouts} for v in args.variants}
     for _ in range(args.runs):
         for variant in args.variants:
             for name, src in checkouts.items():  # alternating: this, ref, this, ref, ...
@@ -91,7 +93,7 @@ def main() -> int:
         return statistics.median(r[key] for r in runs[variant][name])
 
     header = f"{'variant':<16}{'prefill tok/s':>14}{'decode tok/s':>14}{'decode/prefill':>16}"
-    header += f"{'ref decode':>12}{'speed-up':>10}" if args.ref else ""
+    header += f"{'ref decode':>12}{'speed-up':>10}{'same tokens':>13}" if args.ref else ""
     print(f"preset {args.preset}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} thread(s), "
           f"median of {args.repeats} x {args.runs} run(s)")
     print(header)
@@ -102,8 +104,10 @@ def main() -> int:
         line = f"{variant:<16}{prefill:>14.0f}{decode:>14.0f}{decode / prefill:>16.3f}"
         if args.ref:
             ref = med(variant, "ref", "decode")
-            summary[variant] |= {"ref_prefill_tok_s": med(variant, "ref", "prefill"), "ref_decode_tok_s": ref}
-            line += f"{ref:>12.0f}{decode / ref:>9.1f}x"
+            same = all(r["tokens"] == runs[variant]["ref"][0]["tokens"] for r in runs[variant]["this"])
+            summary[variant] |= {"ref_prefill_tok_s": med(variant, "ref", "prefill"), "ref_decode_tok_s": ref,
+                                 "same_tokens": same}
+            line += f"{ref:>12.0f}{decode / ref:>9.1f}x{'yes' if same else 'NO':>13}"
         print(line)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items() if k != "worker"},

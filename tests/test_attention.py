@@ -373,3 +373,23 @@ def test_bad_input_raises():
         module(inputs(3, 5), state)
     with pytest.raises(ValueError, match="offset"):
         RotaryEmbedding(8)(torch.randn(1, 2, 8), -1)
+
+
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_decoding_appends_to_the_kv_cache_in_place(mode):
+    """Full attention's step writes each token into spare room of one buffer (no copy of the cache per token), under
+    inference_mode (which keeps no `_base` of views) as under no_grad; a second continuation of a state gets its own
+    buffer, and the steps equal forward."""
+    attn = make_attention()
+    x = torch.randn(1, 12, attn.dim, dtype=torch.float64)
+    whole, _ = attn(x)
+    with mode():
+        y, state = attn(x[:, :8])
+        outs, buffers = [y], set()
+        for t in range(8, 12):
+            y, state = attn.step(x[:, t:t + 1], state)
+            outs.append(y)
+            buffers.add(id(state.keys.buffer))
+        _, again = attn.step(x[:, 11:12], AttentionState(state.keys[:, :, :11], state.values[:, :, :11], 11))
+    assert len(buffers) == 1 and again.keys.buffer is not state.keys.buffer
+    assert torch.allclose(torch.cat(outs, 1), whole, rtol=0, atol=1e-12)

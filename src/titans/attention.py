@@ -126,17 +126,19 @@ def attention_mask(
 
 
 def _append(cache: Tensor, new: Tensor) -> Tensor:
-    """cache || new along time (B, heads, L, head_dim): a view of a buffer with spare room, written in place when no
-    other state has claimed that room (so a KV cache grows in amortised O(1) per token; a state continued twice gets
-    a copy the second time, and with autograd on every append copies)."""
-    base, length = cache._base, cache.size(2)
-    if base is None or torch.is_grad_enabled() or getattr(base, "claimed", None) != length \
-            or base.size(2) == length or base.shape[:2] != cache.shape[:2] or base.data_ptr() != cache.data_ptr():
-        base = cache.new_empty(*cache.shape[:2], max(2 * length, 64), cache.size(3))
-        base[:, :, :length] = cache
-    base[:, :, length:length + 1] = new
-    base.claimed = length + 1
-    return base[:, :, :length + 1]
+    """cache || new along time (B, heads, L, head_dim): a view of a buffer with spare room (the view's `buffer`
+    attribute: inference tensors keep no `_base`), written in place when no other state has claimed that room, so a
+    KV cache grows in amortised O(1) per token. A state continued twice gets a copy the second time; with autograd on,
+    every append copies."""
+    buffer, length = getattr(cache, "buffer", None), cache.size(2)
+    if buffer is None or torch.is_grad_enabled() or buffer.claimed != length or buffer.size(2) == length:
+        buffer = cache.new_empty(*cache.shape[:2], max(2 * length, 64), cache.size(3))
+        buffer[:, :, :length] = cache
+    buffer[:, :, length:length + 1] = new
+    buffer.claimed = length + 1
+    out = buffer[:, :, :length + 1]
+    out.buffer = buffer
+    return out
 
 
 class CausalSelfAttention(nn.Module):

@@ -23,7 +23,8 @@ parallel scan of Eq. 18). The gate products are built in log space (stable segme
 are materialised only at chunk ends: no per-token weight copies.
 
 Streaming: the state keeps W and S at the last chunk boundary plus the (< chunk_size) tokens seen since, so a sequence
-fed in pieces of any length gives exactly the result of one call.
+fed in pieces of any length gives exactly the result of one call. Decoding: `memory_step` takes one token the same way
+without the chunk machinery (no padding, no loop; only the new token's row of the closed form is read).
 """
 
 from __future__ import annotations
