@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .memory import depthwise_conv
 from .ops.ttt import LN_EPS, TTTInnerState, ttt_current_weights, ttt_scan, ttt_step
 
 
@@ -56,8 +57,7 @@ class _CausalConv(nn.Module):
         if x.shape[1] == 0:
             return x, tail
         padded = torch.cat([tail.to(x.dtype), x], dim=1)
-        y = self.conv(padded.transpose(1, 2)).transpose(1, 2)
-        return y, padded[:, padded.shape[1] - (self.kernel_size - 1):]
+        return depthwise_conv(self.conv, padded), padded[:, padded.shape[1] - (self.kernel_size - 1):]
 
 
 def _rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
