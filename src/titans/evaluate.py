@@ -139,7 +139,7 @@ def greedy_continuation(run: LoadedRun, prompt: torch.Tensor, max_new_tokens: in
         out.append(int(token))
         if len(out) < max_new_tokens:
             with run.autocast():
-                logits, state = run.model(token, state)
+                logits, state = run.model.step(token, state)  # the single-token decoding path
     return out
 
 
