@@ -123,15 +123,16 @@ def _score_examples(run: LoadedRun, examples: list[dict], batch_size: int) -> Sc
 
 @torch.no_grad()
 def greedy_continuation(run: LoadedRun, prompt: torch.Tensor, max_new_tokens: int,
-                        done: Callable[[list[int]], bool] = lambda ids: False) -> list[int]:
+                        done: Callable[[list[int]], bool] = lambda ids: False,
+                        chunk_len: int | None = None) -> list[int]:
     """Up to ``max_new_tokens`` greedy tokens after ``prompt`` (1-d ids), which streams through the model state in
-    pieces of ``eval.chunk_len`` tokens; generation ends early once ``done(tokens so far)`` (for a score that the
-    tokens after that point cannot change)."""
+    pieces of ``chunk_len`` tokens (default ``eval.chunk_len``); generation ends early once ``done(tokens so far)``
+    (for a score, or a stop string, that the tokens after that point cannot change)."""
     x = prompt.reshape(1, -1).to(run.device)
     if x.shape[1] == 0:
         raise ValueError("the prompt is empty: generation continues at least one token")
     logits, state = None, None
-    for _, logits, state in stream(run.model, x, run.config.eval.chunk_len, autocast=run.autocast):
+    for _, logits, state in stream(run.model, x, chunk_len or run.config.eval.chunk_len, autocast=run.autocast):
         pass
     out: list[int] = []
     while len(out) < max_new_tokens and not (out and done(out)):

@@ -42,7 +42,7 @@ except ModuleNotFoundError as exc:
         raise
     raise ModuleNotFoundError("titans.harness needs lm-eval: pip install 'titans[eval]'", name="lm_eval") from None
 from titans.data.tokenizer import Tokenizer, load_tokenizer
-from titans.evaluate import LoadedRun, load_run, run_tokenizer
+from titans.evaluate import LoadedRun, greedy_continuation, load_run, run_tokenizer
 from titans.model import stream
 from titans.runtime import choose_device
 
@@ -205,23 +205,12 @@ class TitansEvalLM(TemplateLM):
     def greedy_until(self, context: str, until: list[str], max_new_tokens: int) -> str:
         """Greedy continuation of ``context`` (read through the state ``chunk_len`` tokens at a time), cut before the
         first stop string, at most ``max_new_tokens`` tokens."""
-        ids = self.tok_encode(context) or [self._prefix]
-        prompt = torch.tensor([ids], dtype=torch.long, device=self.run.device)
-        logits = state = None
-        for _, logits, state in stream(self.run.model, prompt, self.chunk_len, autocast=self.run.autocast):
-            pass
-        generated: list[int] = []
-        text = ""
-        for _ in range(max_new_tokens):
-            token = logits[:, -1].float().argmax(-1, keepdim=True)
-            generated.append(int(token))
-            text = self.tok_decode(generated)
-            stops = [text.find(s) for s in until if s and s in text]
-            if stops:
-                return text[:min(stops)]
-            with self.run.autocast():
-                logits, state = self.run.model(token, state)
-        return text
+        stops = [s for s in until if s]
+        prompt = torch.tensor(self.tok_encode(context) or [self._prefix], dtype=torch.long)
+        ids = greedy_continuation(self.run, prompt, max_new_tokens,
+                                  lambda ids: any(s in self.tok_decode(ids) for s in stops), self.chunk_len)
+        text = self.tok_decode(ids)
+        return text[:min((text.find(s) for s in stops if s in text), default=len(text))]
 
 
 def main(argv: list[str] | None = None) -> int:
