@@ -2,7 +2,8 @@
 
 from . import hf_registration
 from .memory import NeuralMemory, NeuralMemoryState
-from .model import VARIANTS, TitansConfig, TitansLM, TitansState, count_parameters, match_parameters, preset
+from .model import (VARIANTS, TitansConfig, TitansLM, TitansModel, TitansState, count_parameters, match_parameters,
+                    preset)
 from .ops import MLPMemory, MemoryState, memory_scan, memory_scan_reference
 
 hf_registration.install()  # model type "titans" in transformers' Auto classes, once transformers is imported
@@ -10,6 +11,6 @@ hf_registration.install()  # model type "titans" in transformers' Auto classes, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MLPMemory", "MemoryState", "NeuralMemory", "NeuralMemoryState", "TitansConfig", "TitansLM", "TitansState",
-    "VARIANTS", "count_parameters", "match_parameters", "memory_scan", "memory_scan_reference", "preset",
+    "MLPMemory", "MemoryState", "NeuralMemory", "NeuralMemoryState", "TitansConfig", "TitansLM", "TitansModel",
+    "TitansState", "VARIANTS", "count_parameters", "match_parameters", "memory_scan", "memory_scan_reference", "preset",
 ]

@@ -1,4 +1,5 @@
-"""`TitansLM`: token embedding -> N pre-norm blocks (a sequence mixer, then SwiGLU) -> norm -> LM head.
+"""`TitansModel`, the backbone: input layer -> N pre-norm blocks (a sequence mixer, then SwiGLU) -> norm, on any
+(B, T, features) input; `TitansLM`: the backbone with a token embedding as its input layer and an LM head.
 
 `config.variant` picks the mixer: the Titans architectures `mac`, `mag`, `mal`, `lmm` (paper Section 4) and the
 baselines `transformer`, `swa`, `deltanet`, `gated_deltanet`, `ttt`, all through the same blocks, streaming state and
@@ -161,8 +162,8 @@ def build_mixer(config: TitansConfig) -> nn.Module:
 
 @dataclass
 class TitansState:
-    """Streaming state of a TitansLM: one state per block (None: nothing seen yet) and the number of tokens seen,
-    marked with the variant and width of the model that made it."""
+    """Streaming state of a TitansModel or TitansLM: one state per block (None: nothing seen yet) and the number of
+    positions seen, marked with the variant and width of the model that made it."""
 
     layers: list = field(default_factory=list)
     position: int = 0
@@ -290,61 +291,70 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x)), state
 
 
-class TitansLM(nn.Module):
-    def __init__(self, config: TitansConfig):
+class TitansModel(nn.Module):
+    """The sequence backbone: inputs (B, T, in_features) -> hidden states (B, T, dim) through an input layer, the
+    blocks and a final norm, with the streaming state of every variant. Continuous inputs (time series, signals) enter
+    through a linear projection; `TitansLM` is this backbone with a token embedding as its input layer and an LM head.
+    """
+
+    def __init__(self, config: TitansConfig, in_features: int | nn.Module):
+        """in_features: the width of a continuous input (a linear input layer), or the input layer itself."""
         super().__init__()
+        if isinstance(in_features, int) and in_features < 1:
+            raise ValueError(f"in_features must be >= 1, got {in_features}")
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.embed = nn.Linear(in_features, config.dim) if isinstance(in_features, int) else in_features
         self.blocks = nn.ModuleList(Block(config.dim, build_mixer(config), config.ffn_width)
                                     for _ in range(config.layers))
         self.norm = nn.RMSNorm(config.dim)
-        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        # Untied: unit-scale embeddings, the scale of the normalised activations they feed (with std 0.02 the blocks'
-        # default-initialised projections swamp them, and MQAR stays at chance for thousands of steps). Tied: the
-        # embedding is also the output layer, so it starts small (GPT-2's 0.02) to keep the first logits small.
-        nn.init.normal_(self.embed.weight, std=0.02 if config.tie_embeddings else 1.0)
-        if config.tie_embeddings:
-            self.head.weight = self.embed.weight
 
-    def forward(self, tokens: Tensor, state: TitansState | None = None) -> tuple[Tensor, TitansState]:
-        """tokens (B, T) int64 -> logits (B, T, vocab_size) and the state after them. T = 0 returns empty logits
-        and the state unchanged; a state must come from this model (same variant and shapes) and batch size."""
-        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must be an integer tensor of shape (batch, time), got {tuple(tokens.shape)} "
-                             f"{tokens.dtype}")
-        if tokens.shape[0] == 0:
-            raise ValueError(f"tokens hold no sequence (batch 0, shape {tuple(tokens.shape)}): give at least one")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)][0].item()
-            raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
+    def forward(self, inputs: Tensor, state: TitansState | None = None) -> tuple[Tensor, TitansState]:
+        """inputs (B, T, in_features) -> hidden states (B, T, dim) and the state after them; position t depends on
+        inputs 0..t only, and feeding a sequence in pieces with the carried state gives the same hidden states."""
+        return self._hidden(inputs, state)
+
+    def step(self, inputs: Tensor, state: TitansState | None) -> tuple[Tensor, TitansState]:
+        """`forward` of one position per sequence (B, 1, ...) by every mixer's single-token path (decoding)."""
+        return self._hidden_step(inputs, state)
+
+    def _check_inputs(self, inputs: Tensor) -> None:
+        width = self.embed.in_features
+        if inputs.dim() != 3 or not inputs.is_floating_point() or inputs.shape[-1] != width:
+            raise ValueError(f"inputs must be a floating tensor of shape (batch, time, {width}), got "
+                             f"{tuple(inputs.shape)} {inputs.dtype}")
+        if inputs.shape[0] == 0:
+            raise ValueError(f"inputs hold no sequence (batch 0, shape {tuple(inputs.shape)}): give at least one")
+
+    def _hidden(self, inputs: Tensor, state: TitansState | None) -> tuple[Tensor, TitansState]:
+        self._check_inputs(inputs)
         if state is not None and not torch.compiler.is_compiling():  # not traced (training passes its own states)
-            self._check_state(state, tokens.shape[0])
-        if tokens.shape[1] == 0:  # nothing to read or store (the mixers' convolutions need a token)
-            logits = self.head(self.norm(self.embed(tokens)))
-            return logits, state if state is not None else self._state([None] * len(self.blocks), 0)
-        return self._blocks(tokens, state, step=False)
+            self._check_state(state, inputs.shape[0])
+        if inputs.shape[1] == 0:  # nothing to read or store (the mixers' convolutions need a token)
+            return self.norm(self.embed(inputs)), (state if state is not None
+                                                   else self._state([None] * len(self.blocks), 0))
+        return self._blocks(inputs, state, step=False)
 
-    def step(self, tokens: Tensor, state: TitansState | None) -> tuple[Tensor, TitansState]:
-        """`forward` of one token per sequence, tokens (B, 1), for decoding: every mixer takes its single-token path
-        (no chunk machinery). `state` must be one this model returned (it is not checked tensor by tensor); without
-        one (or before any token) this is `forward`."""
+    def _hidden_step(self, inputs: Tensor, state: TitansState | None) -> tuple[Tensor, TitansState]:
+        """Without a state (or before any token) this is `_hidden`; `state` must be one this model returned (it is
+        not checked tensor by tensor)."""
         if state is None or state.position == 0 or any(layer is None for layer in state.layers):
-            return self(tokens, state)
-        if tokens.dim() != 2 or tokens.shape[1] != 1:
-            raise ValueError(f"step reads one token per sequence, tokens (batch, 1); got {tuple(tokens.shape)}")
+            return self._hidden(inputs, state)
+        if inputs.dim() < 2 or inputs.shape[1] != 1:
+            raise ValueError(f"step reads one position per sequence, inputs (batch, 1, ...); got "
+                             f"{tuple(inputs.shape)}")
         if (state.variant, state.dim) != (self.config.variant, self.config.dim):
-            self._check_state(state, tokens.shape[0])  # raises its one-line error
-        return self._blocks(tokens, state, step=True)
+            self._check_state(state, inputs.shape[0])  # raises its one-line error
+        return self._blocks(inputs, state, step=True)
 
-    def _blocks(self, tokens: Tensor, state: TitansState | None, step: bool) -> tuple[Tensor, TitansState]:
+    def _blocks(self, inputs: Tensor, state: TitansState | None, step: bool) -> tuple[Tensor, TitansState]:
         layer_states = [None] * len(self.blocks) if state is None else state.layers
-        x = self.embed(tokens)
+        x = self.embed(inputs)
         new_states = []
         for block, layer_state in zip(self.blocks, layer_states):
             x, layer_state = block(x, layer_state, step)
             new_states.append(layer_state)
-        position = (0 if state is None else state.position) + tokens.shape[1]
-        return self.head(self.norm(x)), self._state(new_states, position)
+        position = (0 if state is None else state.position) + inputs.shape[1]
+        return self.norm(x), self._state(new_states, position)
 
     def _state(self, layers: list, position: int) -> TitansState:
         return TitansState(layers, position, self.config.variant, self.config.dim)
@@ -355,7 +365,8 @@ class TitansLM(nn.Module):
         c = self.config
         this = f"this model is variant {c.variant}, width {c.dim}"
         if not isinstance(state, TitansState):
-            raise ValueError(f"the state must be a TitansState returned by a TitansLM, got {type(state).__name__}")
+            raise ValueError(f"the state must be a TitansState returned by a TitansModel or TitansLM, got "
+                             f"{type(state).__name__}")
         made = (f"variant {state.variant}, width {state.dim}" if state.variant is not None and state.dim is not None
                 else "")
         if made and (state.variant, state.dim) != (c.variant, c.dim):
@@ -395,6 +406,44 @@ class TitansLM(nn.Module):
         for module in self.modules():
             if isinstance(module, NeuralMemory):
                 module.checkpoint_chunks = int(chunks)
+
+
+class TitansLM(TitansModel):
+    """Token embedding -> the backbone (`TitansModel`) -> LM head. Its parameters keep the names `embed`, `blocks`,
+    `norm`, `head` (checkpoints and Hugging Face exports of every version load unchanged)."""
+
+    def __init__(self, config: TitansConfig):
+        super().__init__(config, nn.Embedding(config.vocab_size, config.dim))
+        self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        # Untied: unit-scale embeddings, the scale of the normalised activations they feed (with std 0.02 the blocks'
+        # default-initialised projections swamp them, and MQAR stays at chance for thousands of steps). Tied: the
+        # embedding is also the output layer, so it starts small (GPT-2's 0.02) to keep the first logits small.
+        nn.init.normal_(self.embed.weight, std=0.02 if config.tie_embeddings else 1.0)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor, state: TitansState | None = None) -> tuple[Tensor, TitansState]:
+        """tokens (B, T) int64 -> logits (B, T, vocab_size) and the state after them. T = 0 returns empty logits
+        and the state unchanged; a state must come from this model (same variant and shapes) and batch size."""
+        hidden, state = self._hidden(tokens, state)
+        return self.head(hidden), state
+
+    def step(self, tokens: Tensor, state: TitansState | None) -> tuple[Tensor, TitansState]:
+        """`forward` of one token per sequence, tokens (B, 1), for decoding: every mixer takes its single-token path
+        (no chunk machinery). `state` must be one this model returned (it is not checked tensor by tensor); without
+        one (or before any token) this is `forward`."""
+        hidden, state = self._hidden_step(tokens, state)
+        return self.head(hidden), state
+
+    def _check_inputs(self, tokens: Tensor) -> None:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an integer tensor of shape (batch, time), got {tuple(tokens.shape)} "
+                             f"{tokens.dtype}")
+        if tokens.shape[0] == 0:
+            raise ValueError(f"tokens hold no sequence (batch 0, shape {tuple(tokens.shape)}): give at least one")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)][0].item()
+            raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
 
     @torch.inference_mode()
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
