@@ -74,7 +74,9 @@ def _train(args: argparse.Namespace) -> int:
               + (f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] is not None else "")
               + (f": {evaluation}" if evaluation else ""))
         loss, chance = summary["train_loss"], summary["chance_loss"]
-        if loss is not None:
+        if loss is not None and chance is None:  # forecast: the MSE of the standardised series
+            print(f"  final train MSE {loss:.4f} (standardised series); titans eval {run_dir} scores the test split")
+        elif loss is not None:
             print(f"  final train loss {loss:.4f}, chance {chance:.4f} (a uniform guess over "
                   f"{config.model.vocab_size} tokens)"
                   + (": not below chance, the model has not learned (try another optim.lr)"
@@ -125,13 +127,26 @@ def _print_result(title: str, path: Path, lines: list[str]) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from titans import evaluate
 
-    run = evaluate.load_run(args.path, choose_device(args.device))
+    run = evaluate.load_run(args.path, choose_device(args.device), forecast_ok=True)
     out = _writable(Path(args.out) if args.out else run.run_dir / "eval")
     eval_cfg = run.config.eval
     lengths, samples = args.lengths or list(eval_cfg.lengths), args.samples or eval_cfg.samples
-    task = args.task if args.task != "auto" else ("lm" if run.config.data.task == "text" else "synthetic")
-    if task == "lm":
-        r = evaluate.eval_lm(run, out, split=args.split, max_tokens=args.max_tokens)
+    forecast = run.config.data.task == "forecast"
+    split = args.split or ("test" if forecast else "validation")
+    task = args.task if args.task != "auto" else {"text": "lm", "forecast": "forecast"}.get(run.config.data.task,
+                                                                                              "synthetic")
+    if (task == "forecast") != forecast:
+        raise ValueError(f"--task {task} does not fit {run.run_dir}, a {run.config.data.task} run" + (
+            ": forecast runs take --task forecast (or auto)" if forecast else ""))
+    if task == "forecast":
+        from titans.forecasting import eval_forecast
+
+        r = eval_forecast(run, out, split)
+        _print_result(f"{run.name}: {r['series']} {split} split, {r['windows']:,} windows, look-back {r['lookback']}, "
+                      f"horizon {r['horizon']}, {r['parameters']:,} parameters", out / f"forecast_{split}",
+                      [f"MSE {r['mse']:.4f}  MAE {r['mae']:.4f}"])
+    elif task == "lm":
+        r = evaluate.eval_lm(run, out, split=split, max_tokens=args.max_tokens)
         _print_result(f"{run.name}: {r['split']} split, {r['tokens']:,} tokens", out / f"lm_{r['split']}",
                       [f"loss {r['loss']:.4f}  perplexity {r['perplexity']:.2f}  bits/token "
                        f"{r['bits_per_token']:.4f}  bits/byte {r['bits_per_byte']:.4f}"])
@@ -144,7 +159,7 @@ def _eval(args: argparse.Namespace) -> int:
         return _needle_report(run, out, args.needle_task, lengths, args.depths or list(eval_cfg.depths), samples,
                               args.generate_tokens)
     else:
-        r = evaluate.eval_babilong(run, out, lengths, samples, task=args.babilong_task, split=args.split,
+        r = evaluate.eval_babilong(run, out, lengths, samples, task=args.babilong_task, split=split,
                                    new_tokens=args.generate_tokens)
         generation = r.get("generation_by_length", {})
         _print_result(f"{run.name}: BABILong {r['task']} ({r['split']} books), {samples} samples per length",
@@ -411,14 +426,17 @@ def build_parser() -> argparse.ArgumentParser:
                 "and a PNG plot to OUT (default: RUN_DIR/eval).")
     p.add_argument("path", metavar="RUN_DIR|CHECKPOINT", help="run directory (its latest checkpoint) or checkpoint "
                                                                "directory")
-    p.add_argument("--task", choices=("auto", "lm", "synthetic", "needle", "babilong"), default="auto",
+    p.add_argument("--task", choices=("auto", "lm", "synthetic", "needle", "babilong", "forecast"), default="auto",
                    help="lm: perplexity and bits per byte on held-out text; synthetic: accuracy of the run's "
                         "synthetic task by length; needle: accuracy by context length x depth (RULER tasks: also "
                         "RULER's generation score); babilong: BABILong accuracy by length, teacher-forced and of "
-                        "greedy generation (text runs). auto (default): lm for text runs, else synthetic")
+                        "greedy generation (text runs); forecast: MSE and MAE over every window of the split, and "
+                        "a plot of forecasts against the truth (forecast runs). auto (default): lm for text runs, "
+                        "forecast for forecast runs, else synthetic")
     _add_grid(p)
-    p.add_argument("--split", choices=("validation", "test"), default="validation",
-                   help="held-out split: lm's text, babilong's background books (default: validation)")
+    p.add_argument("--split", choices=("validation", "test"),
+                   help="held-out split: lm's text, babilong's background books, the forecast windows (default: "
+                        "test for forecast runs, else validation)")
     p.add_argument("--max-tokens", type=int, metavar="N", help="lm: evaluate at most N tokens (default: all)")
     p.add_argument("--needle-task", choices=("synthetic", "niah_single_1", "niah_single_2", "niah_single_3"),
                    help="needle: the needle task (default: synthetic for synthetic runs, niah_single_1 for text)")

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from titans.model import TitansConfig
 from titans.typed_yaml import check
 
-__all__ = ["DataConfig", "EvalConfig", "OptimConfig", "RunConfig", "TrainConfig"]
+__all__ = ["DataConfig", "EvalConfig", "ForecastConfig", "OptimConfig", "RunConfig", "TrainConfig"]
 
 
 @dataclasses.dataclass
@@ -101,8 +101,9 @@ class TrainConfig:
 class DataConfig:
     """Where training and evaluation sequences come from."""
 
-    task: Literal["copy", "pattern", "needle", "recall", "text"] = "copy"
-    """A synthetic task (copy, pattern, needle, recall) or real-text language modelling (text)."""
+    task: Literal["copy", "pattern", "needle", "recall", "text", "forecast"] = "copy"
+    """A synthetic task (copy, pattern, needle, recall), real-text language modelling (text) or time-series
+    forecasting (forecast: the forecast section says which series and windows)."""
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Keyword arguments of the task's dataset."""
     data_dir: str | None = None
@@ -119,6 +120,39 @@ class DataConfig:
     def __post_init__(self) -> None:
         check(self.sampling == "windows" or self.task == "text", "sampling",
                f"must be windows unless data.task is text (it is {self.task})", self.sampling)
+
+
+@dataclasses.dataclass
+class ForecastConfig:
+    """Long-term forecasting (data.task forecast; paper Section 5.5): windows of a real multivariate series, each
+    channel forecast on its own from its look-back (channel independence) between per-window normalisation (RevIN)."""
+
+    series: str = "vic_elec"
+    """A shipped series (vic_elec) or the path of a CSV: time stamp, then one numeric column per channel (ETT)."""
+    lookback: int = 96
+    """Past steps each forecast reads (the benchmarks' 96-720)."""
+    horizon: int = 96
+    """Future steps each forecast predicts (the benchmarks' 96, 192, 336, 720)."""
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    """Train / validation / test fractions of the series, in time order (ETT: 12 / 4 / 4 months)."""
+    model: Literal["backbone", "dlinear"] = "backbone"
+    """backbone: the model section's variant over patch tokens, a linear head on the last one; dlinear: the linear
+    baseline (trend and remainder each mapped linearly to the horizon; the model section is unused)."""
+    patch_len: int = 8
+    """Steps per input token of the backbone (1: one token per step); must divide lookback."""
+    revin: bool = True
+    """Normalise each window per channel by its own mean and deviation, and undo it on the forecast (RevIN)."""
+    moving_average: int = 25
+    """DLinear's trend: a centred moving average over this many steps (odd)."""
+
+    def __post_init__(self) -> None:
+        for name in ("lookback", "horizon", "patch_len", "moving_average"):
+            check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        check(self.lookback % self.patch_len == 0, "lookback", f"must be a multiple of patch_len={self.patch_len}",
+              self.lookback)
+        check(self.moving_average % 2 == 1, "moving_average", "must be odd (a centred average)", self.moving_average)
+        check(all(f > 0 for f in self.split) and abs(sum(self.split) - 1) < 1e-6, "split",
+              "must be three positive fractions summing to 1", self.split)
 
 
 @dataclasses.dataclass
@@ -158,6 +192,8 @@ class RunConfig:
     """Training loop."""
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     """Evaluation settings."""
+    forecast: ForecastConfig = dataclasses.field(default_factory=ForecastConfig)
+    """Series, windows and model of the forecast task (unused by the others)."""
     name: str = "run"
     """Run name, used for the run directory ``runs/<name>``: a plain directory name."""
 

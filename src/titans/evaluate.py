@@ -28,6 +28,7 @@ from titans.config import RunConfig
 from titans.data.corpus import default_data_dir, load_manifest
 from titans.data.synthetic import NeedleTask, SyntheticDataset
 from titans.data.tokenizer import Tokenizer, load_tokenizer
+from titans.forecast import Forecaster, build_forecaster
 from titans.model import TitansLM, stream
 from titans.plots import plot_accuracy_vs_length, plot_loss_by_position, plot_needle_heatmap
 from titans.runtime import autocast_for
@@ -45,7 +46,7 @@ BABILONG_NEW_TOKENS = 20  # BABILong's generate_kwargs max_new_tokens
 class LoadedRun:
     """A model restored from a checkpoint, with its run config."""
 
-    model: TitansLM
+    model: TitansLM | Forecaster
     config: RunConfig
     step: int
     checkpoint: Path
@@ -58,11 +59,13 @@ class LoadedRun:
 
     @property
     def name(self) -> str:
-        return f"{self.config.name} ({self.config.model.variant}, step {self.step})"
+        forecast = self.config.data.task == "forecast" and self.config.forecast.model == "dlinear"
+        return f"{self.config.name} ({'dlinear' if forecast else self.config.model.variant}, step {self.step})"
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """The model of a checkpoint directory, or of a run directory's latest checkpoint, in eval mode."""
+def load_run(path: str | Path, device: str | torch.device = "cpu", *, forecast_ok: bool = False) -> LoadedRun:
+    """The model of a checkpoint directory, or of a run directory's latest checkpoint, in eval mode: a TitansLM, or
+    with ``forecast_ok`` the Forecaster of a forecast run (a one-line error for one without)."""
     checkpoint = resolve_checkpoint(path)
     loaded = load_checkpoint(checkpoint, restore_rng=False)
     saved = loaded["extra"].get("config") if isinstance(loaded["extra"], dict) else None
@@ -72,13 +75,17 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
         config = from_dict(RunConfig, saved)
     except ConfigError as exc:
         raise CheckpointError(f"{checkpoint}: invalid run config ({exc})") from None
+    if config.data.task == "forecast" and not forecast_ok:
+        raise ValueError(f"{checkpoint.parent.parent} is a forecast run (data.task forecast): titans eval reads it, "
+                         "this command reads language-model runs only")
+    build = (lambda: build_forecaster(config)) if config.data.task == "forecast" else (lambda: TitansLM(config.model))
     with torch.device("meta"):  # shapes first: a hostile config (vocab_size 10**13) must not allocate anything
-        skeleton = TitansLM(config.model)
+        skeleton = build()
     try:
         check_model_state(checkpoint, skeleton, loaded["model_state"])
     except CheckpointError as exc:
         raise CheckpointError(f"weights do not fit the saved model config: {exc}") from None
-    model = TitansLM(config.model)
+    model = build()
     try:
         model.load_state_dict(loaded["model_state"])
     except RuntimeError as exc:

@@ -1,5 +1,5 @@
-"""PNG plots of a run: loss curves, loss by position, the needle-in-a-haystack grid, accuracy versus context length
-and the memory's test-time learning (`titans inspect`). The only module that draws.
+"""PNG plots of a run: loss curves, loss by position, the needle-in-a-haystack grid, accuracy versus context length,
+the memory's test-time learning (`titans inspect`) and forecasts against the truth. The only module that draws.
 
 Figures are drawn with matplotlib's object API on an Agg canvas: no display is needed and the
 global pyplot backend is left alone. Each function saves the figure and returns it.
@@ -15,8 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_accuracy_vs_length", "plot_inspection", "plot_loss_by_position", "plot_loss_curves",
-           "plot_needle_heatmap"]
+__all__ = ["plot_accuracy_vs_length", "plot_forecasts", "plot_inspection", "plot_loss_by_position",
+           "plot_loss_curves", "plot_needle_heatmap"]
 
 
 def _save(fig: Figure, path: str | Path) -> Figure:
@@ -133,4 +133,28 @@ def plot_inspection(records: Sequence, path: str | Path, title: str) -> Figure:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_forecasts(inputs: Sequence, targets: Sequence, forecasts: Sequence, channels: Sequence[str],
+                   starts: Sequence[str], path: str | Path, title: str, max_channels: int = 3) -> Figure:
+    """One row per window, one column per channel (the first ``max_channels``): the look-back, the true future and
+    the forecast; ``inputs`` (N, lookback, C), ``targets`` and ``forecasts`` (N, horizon, C), ``starts`` the time
+    stamp of each window's first step."""
+    inputs, targets, forecasts = (np.asarray(a, dtype=float) for a in (inputs, targets, forecasts))
+    rows, lookback, cols = len(inputs), inputs.shape[1], min(len(channels), max_channels)
+    future = np.arange(lookback, lookback + targets.shape[1])
+    fig = Figure(figsize=(4.5 * cols, 2.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw={"hspace": 0.5})
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.plot(np.arange(lookback), inputs[r, :, c], color="0.5", lw=1, label="look-back")
+            ax.plot(future, targets[r, :, c], color="black", lw=1, label="truth")
+            ax.plot(future, forecasts[r, :, c], color="tab:red", lw=1.2, label="forecast")
+            ax.set_title(f"{channels[c]}, from {starts[r]}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)

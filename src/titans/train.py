@@ -64,7 +64,8 @@ from titans.scoring import Scores, masked_loss_sum, score_batch
 from titans.state import map_tensors, pack_state, unpack_state
 from titans.typed_yaml import ConfigError, load_yaml, to_dict
 
-__all__ = ["TrainingError", "SegmentLoss", "train", "CONFIG_FILE", "SUMMARY_FILE", "LOCK_FILE"]
+__all__ = ["TrainingError", "SegmentLoss", "check_run_dir", "lock_run_dir", "train", "CONFIG_FILE", "SUMMARY_FILE",
+           "LOCK_FILE", "LOSS_PLOT"]
 
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
@@ -104,6 +105,33 @@ def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def check_run_dir(run_dir: Path, config: RunConfig, resume: bool) -> Path:
+    """The path of the run's config file, once the run directory fits: a new run needs a directory without a run, a
+    resumed one the run's own config (an exact resume)."""
+    saved = run_dir / CONFIG_FILE
+    if not resume:
+        if saved.exists():
+            raise FileExistsError(f"{run_dir} already holds a run; resume it (--resume {run_dir}) or "
+                                  f"choose another run directory")
+    else:
+        if not saved.exists():
+            raise FileNotFoundError(f"{saved}: no run to resume in {run_dir}")
+        differences = _config_differences(to_dict(load_yaml(saved, RunConfig)), to_dict(config))
+        if differences:
+            raise ConfigError(f"the config differs from the run's at {', '.join(differences)}; an exact resume "
+                              f"needs the same config (start a new run to change it)")
+    return saved
+
+
+def lock_run_dir(run_dir: Path, resume: bool) -> contextlib.AbstractContextManager:
+    """The run directory's lock (created with the directory): one writer per run."""
+    if resume and not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no run to resume")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return exclusive_lock(run_dir / LOCK_FILE, f"{run_dir} is in use by another titans process (a "
+                                               "train or --resume still running); wait for it to end")
+
+
 class _Trainer:
     def __init__(self, config: RunConfig, run_dir: Path, info: DistInfo, progress: bool):
         self.config, self.run_dir, self.info, self.progress = config, run_dir, info, progress
@@ -141,18 +169,7 @@ class _Trainer:
 
     def _prepare_run_dir(self, resume: bool) -> Path | None:
         """Checks and writes the run directory; returns the checkpoint to resume from (None: start afresh)."""
-        saved = self.run_dir / CONFIG_FILE
-        if not resume:
-            if saved.exists():
-                raise FileExistsError(f"{self.run_dir} already holds a run; resume it (--resume {self.run_dir}) or "
-                                      f"choose another run directory")
-        else:
-            if not saved.exists():
-                raise FileNotFoundError(f"{saved}: no run to resume in {self.run_dir}")
-            differences = _config_differences(to_dict(load_yaml(saved, RunConfig)), to_dict(self.config))
-            if differences:
-                raise ConfigError(f"the config differs from the run's at {', '.join(differences)}; an exact resume "
-                                  f"needs the same config (start a new run to change it)")
+        saved = check_run_dir(self.run_dir, self.config, resume)
         barrier()  # every rank has checked before rank 0 writes
         if self.info.is_main and not saved.exists():
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -310,13 +327,7 @@ class _Trainer:
     # -------------------------------------------------------------------------------------- the loop
     def _lock(self, resume: bool) -> contextlib.AbstractContextManager:
         """One writer per run directory: rank 0 holds its lock from the first check to the summary."""
-        if not self.info.is_main:
-            return contextlib.nullcontext()
-        if resume and not self.run_dir.is_dir():
-            raise FileNotFoundError(f"{self.run_dir}: no run to resume")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        return exclusive_lock(self.run_dir / LOCK_FILE, f"{self.run_dir} is in use by another titans process (a "
-                                                        "train or --resume still running); wait for it to end")
+        return lock_run_dir(self.run_dir, resume) if self.info.is_main else contextlib.nullcontext()
 
     def run(self, resume: bool, stop_at: int | None) -> dict:
         with self._lock(resume):
@@ -395,6 +406,10 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, *, stop_
     Raises :class:`~titans.typed_yaml.ConfigError` for an unusable config or run directory and
     :class:`TrainingError` when the loss or the gradients stop being finite.
     """
+    if config.data.task == "forecast":  # its own loop: windows of a series, no tokens, no carried state
+        from titans.forecasting import train_forecast
+
+        return train_forecast(config, Path(run_dir), resume, stop_at=stop_at, progress=progress)
     joined = not is_distributed()
     info = init_distributed(config.train.device)
     trainer = None
