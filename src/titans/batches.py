@@ -1,4 +1,4 @@
-"""Batches for training and evaluation, built from a run config: a synthetic task or real text.
+"""Batches for training and evaluation, built from a run config: a synthetic task, real DNA or real text.
 
 Every source yields :class:`Batch` objects (inputs, targets, loss mask, whether the rows start afresh or continue
 the previous batch's) and saves its position with
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from titans.config import RunConfig
+from titans.data.dna import DNA_TASKS
 from titans.data.loader import IGNORE_INDEX, DocumentSegments, RandomWindows, TokenStream
 from titans.data.synthetic import SyntheticDataset, SyntheticTask, make_task
 from titans.typed_yaml import ConfigError
@@ -138,9 +139,11 @@ def text_tokenizer_name(config: RunConfig) -> str:
     return "bytes" if name == "byte" else name
 
 
-def make_task_from_config(config: RunConfig, seq_len: int | None = None, **overrides) -> SyntheticTask:
+def make_task_from_config(config: RunConfig, seq_len: int | None = None, split: str = "train",
+                          **overrides) -> SyntheticTask:
     """The run's synthetic task at ``seq_len`` tokens (default ``train.seq_len``), with the model's vocabulary
-    unless ``data.kwargs`` sets ``vocab_size``."""
+    unless ``data.kwargs`` sets ``vocab_size``. ``split`` (train, validation, test) picks the part of the genome the
+    DNA tasks read; the generated tasks ignore it (held-out examples come from other seeds)."""
     name = config.data.task
     seq_len = config.train.seq_len if seq_len is None else seq_len
     kwargs = {"vocab_size": config.model.vocab_size, **config.data.kwargs, **overrides}
@@ -149,7 +152,14 @@ def make_task_from_config(config: RunConfig, seq_len: int | None = None, **overr
             raise ConfigError("set the sequence length with 'train.seq_len', not 'data.kwargs.seq_len'")
         kwargs["seq_len"] = seq_len
     try:
-        task = make_task(name, **kwargs)
+        if name in DNA_TASKS:
+            if "split" in config.data.kwargs:
+                raise ValueError("the split is chosen by training and evaluation, not by data.kwargs.split")
+            task = DNA_TASKS[name](**kwargs, split=split)
+        else:
+            task = make_task(name, **kwargs)
+    except TypeError as exc:  # an unknown keyword of a DNA task
+        raise ConfigError(f"data.kwargs: {name}: {exc}") from None
     except ValueError as exc:
         raise ConfigError(f"data.kwargs: {exc}") from None
     if task.vocab_size > config.model.vocab_size:
@@ -172,8 +182,8 @@ def make_batches(config: RunConfig, split: str = "train", *, rank: int = 0,
     _per_rank(batch_size, world_size, "train.batch_size" if split == "train" else "eval.batch_size")
     seed = config.train.seed if split == "train" else config.train.seed + EVAL_SEED_OFFSET
     if config.data.task != "text":
-        return SyntheticBatches(make_task_from_config(config), batch_size, seed=seed, rank=rank,
-                                world_size=world_size)
+        task = make_task_from_config(config, split="train" if split == "train" else "validation")
+        return SyntheticBatches(task, batch_size, seed=seed, rank=rank, world_size=world_size)
     stream = open_text_stream(config, "train" if split == "train" else "validation")
     if split == "train" and config.data.sampling == "documents":
         documents = int((np.diff(stream.offsets) >= 2).sum())

@@ -101,9 +101,10 @@ class TrainConfig:
 class DataConfig:
     """Where training and evaluation sequences come from."""
 
-    task: Literal["copy", "pattern", "needle", "recall", "text", "forecast"] = "copy"
-    """A synthetic task (copy, pattern, needle, recall), real-text language modelling (text) or time-series
-    forecasting (forecast: the forecast section says which series and windows)."""
+    task: Literal["copy", "pattern", "needle", "recall", "text", "forecast", "dna", "dna_coding"] = "copy"
+    """A synthetic task (copy, pattern, needle, recall), real-text language modelling (text), time-series
+    forecasting (forecast: the forecast section says which series and windows) or real DNA (dna: next k-mer;
+    dna_coding: coding / non-coding windows; data.kwargs.k sets the k-mer length, 1 by default)."""
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Keyword arguments of the task's dataset."""
     data_dir: str | None = None

@@ -203,7 +203,7 @@ def eval_lm(run: LoadedRun, out_dir: str | Path, **kwargs) -> dict:
 # ------------------------------------------------------------------------------------------------ synthetic
 def evaluate_synthetic(run: LoadedRun, lengths: Sequence[int], samples: int, *, seed: int | None = None) -> dict:
     """Accuracy of the run's synthetic task at each sequence length (``copy``: the gap grows, the copied length
-    stays), on ``samples`` held-out examples per length."""
+    stays), on ``samples`` held-out examples per length (the DNA tasks: windows of the genome's test split)."""
     config = run.config
     if config.data.task == "text":
         raise ValueError(f"{run.run_dir} is a text run; evaluate it with the lm task")
@@ -216,7 +216,7 @@ def evaluate_synthetic(run: LoadedRun, lengths: Sequence[int], samples: int, *, 
             if length < 2 * copied:
                 raise ValueError(f"copy sequences of {copied} tokens need lengths >= {2 * copied}, got {length}")
             overrides["gap"] = length - 2 * copied
-        task = make_task_from_config(config, seq_len=length, **overrides)
+        task = make_task_from_config(config, seq_len=length, split="test", **overrides)
         dataset = SyntheticDataset(task, samples, seed=seed)
         scores = _score_examples(run, [dataset[i] for i in range(samples)], config.eval.batch_size)
         by_length[int(length)] = {"accuracy": scores.accuracy, "sequence_accuracy": scores.sequence_accuracy,
