@@ -265,20 +265,20 @@ def _mac_attention(mixer, config, segment: Tensor, h: Tensor) -> Tensor:
             z = torch.stack([rope_rotate_half(z[:, i], i) for i in range(z.shape[1])], 1)
         return z
 
-    q = project(segment, mixer.query.weight, True)
-    kh, kx = project(h, mixer.key.weight, True), project(segment, mixer.key.weight, True)
-    vh, vx = project(h, mixer.value.weight, False), project(segment, mixer.value.weight, False)
+    q = project(segment, mixer.attention.query.weight, True)
+    kh, kx = project(h, mixer.attention.key.weight, True), project(segment, mixer.attention.key.weight, True)
+    vh, vx = project(h, mixer.attention.value.weight, False), project(segment, mixer.attention.value.weight, False)
     pk, pv = [], []
-    if mixer.persistent is not None:
-        p = mixer.persistent.unsqueeze(0).expand(batch, -1, -1)
-        pk = list(project(p, mixer.key.weight, False).unbind(1))
-        pv = list(project(p, mixer.value.weight, False).unbind(1))
+    if mixer.attention.persistent is not None:
+        p = mixer.attention.persistent.unsqueeze(0).expand(batch, -1, -1)
+        pk = list(project(p, mixer.attention.key.weight, False).unbind(1))
+        pv = list(project(p, mixer.attention.value.weight, False).unbind(1))
     outputs = []
     for i in range(length):
         keys = pk + [kh[:, j] for j in range(i + 1)] + [kx[:, j] for j in range(i + 1)]
         values = pv + [vh[:, j] for j in range(i + 1)] + [vx[:, j] for j in range(i + 1)]
         outputs.append(softmax_attend(q[:, i], keys, values))
-    return linear(torch.stack(outputs, 1).flatten(2), mixer.out.weight)
+    return linear(torch.stack(outputs, 1).flatten(2), mixer.attention.out.weight)
 
 
 def mac_reference(mixer, config, x: Tensor) -> Tensor:

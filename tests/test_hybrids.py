@@ -38,7 +38,7 @@ def test_mac_stores_the_residual_stream_and_gates_the_memory_by_attention():
     mixer = TitansLM(preset("tiny", "mac", vocab_size=32)).to(F64).blocks[0].mixer
     x = torch.randn(2, mixer.segment_len, mixer.dim, dtype=F64)
     captured = {}
-    mixer.out.register_forward_hook(lambda module, args, out: captured.setdefault("y", out))
+    mixer.attention.out.register_forward_hook(lambda module, args, out: captured.setdefault("y", out))
     gate = mixer.gate
     with torch.no_grad():
         gate.norm_memory.weight.uniform_(0.5, 1.5)
@@ -49,3 +49,21 @@ def test_mac_stores_the_residual_stream_and_gates_the_memory_by_attention():
         m = mixer.memory(z)[0]
         expected = _rms_norm(m, gate.norm_memory) * torch.sigmoid(_rms_norm(y, gate.norm_attention))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_mac_loads_checkpoints_written_before_it_attended_through_causal_self_attention():
+    """State dicts with MAC's attention weights at the mixer level (`query.weight`, ..., `persistent`) load into
+    `attention.*` and give the same model."""
+    torch.manual_seed(0)
+    model = TitansLM(preset("tiny", "mac", vocab_size=32))
+    old = {}
+    for name, tensor in model.state_dict().items():
+        for part in ("query.weight", "key.weight", "value.weight", "out.weight", "persistent"):
+            name = name.replace(f"mixer.attention.{part}", f"mixer.{part}")
+        old[name] = tensor.clone()
+    assert "blocks.0.mixer.query.weight" in old and "blocks.0.mixer.persistent" in old
+    torch.manual_seed(1)
+    fresh = TitansLM(preset("tiny", "mac", vocab_size=32))
+    fresh.load_state_dict(old)  # strict: every old key is consumed, every new one filled
+    tokens = torch.randint(0, 32, (1, 40))
+    torch.testing.assert_close(fresh(tokens)[0], model(tokens)[0], rtol=0, atol=0)

@@ -244,21 +244,37 @@ class CausalSelfAttention(nn.Module):
         rest = rest.unflatten(0, (batch, num_blocks - 1)).transpose(1, 2).flatten(2, 3)[:, :, : length - w]
         return torch.cat((first, rest), dim=2)
 
-    def _queries_keys_values(self, x: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v (B, heads, T, head_dim) of x (B, T, dim) at positions offset.., normalised and rotated."""
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+    def queries(self, x: Tensor, offset: int) -> Tensor:
+        """Queries (B, heads, T, head_dim) of x (B, T, dim) at positions offset.., normalised and rotated."""
+        q = self._heads(self.query(x))
         if self.query_norm is not None:
-            q, k = self.query_norm(q), self.key_norm(k)
-        if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
-        return q, k, v
+            q = self.query_norm(q)
+        return q if self.rotary is None else self.rotary(q, offset)
+
+    def keys_values(self, x: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+        """Keys (normalised, rotated) and values (B, heads, T, head_dim) of x (B, T, dim) at positions offset.."""
+        k, v = self._heads(self.key(x)), self._heads(self.value(x))
+        if self.key_norm is not None:
+            k = self.key_norm(k)
+        return (k if self.rotary is None else self.rotary(k, offset)), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Output (B, T, dim) of queries q (B, heads, T, head_dim) over keys/values k, v (B, heads, L, head_dim) with
+        a boolean mask (T, L) of what each query may see; the persistent tokens are visible to every query. For
+        layers whose keys are not the queries' own tokens (MAC attends over [p] || h || S)."""
+        pk, pv = self._persistent_keys_values(q.size(0), None)
+        if pk is not None:
+            k, v = torch.cat((pk, k), dim=-2), torch.cat((pv, v), dim=-2)
+            mask = torch.cat((mask.new_ones(mask.size(0), pk.size(-2)), mask), dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_dropout(self.out(y.transpose(1, 2).flatten(2)))
 
     def step(self, x: Tensor, state: AttentionState, prefix: Tensor | None = None) -> tuple[Tensor, AttentionState]:
         """`forward` of one token x (B, 1, dim) continuing `state`, for decoding: the query sees every cached key (no
         mask); full attention appends to its cache in place (`_append`), sliding-window keeps the last window - 1."""
         if x.dim() != 3 or x.shape[1:] != (1, self.dim) or state.keys.size(0) != x.size(0):
             raise ValueError(f"step expects x of shape ({state.keys.size(0)}, 1, {self.dim}), got {tuple(x.shape)}")
-        q, k, v = self._queries_keys_values(x, state.offset)
+        q, (k, v) = self.queries(x, state.offset), self.keys_values(x, state.offset)
         if self.window is None:
             k, v = _append(state.keys, k), _append(state.values, v)
             cached_k, cached_v = k, v
@@ -284,7 +300,7 @@ class CausalSelfAttention(nn.Module):
         if state is not None and state.keys.size(0) != batch:
             raise ValueError(f"state batch size {state.keys.size(0)} does not match input batch size {batch}")
 
-        q, k, v = self._queries_keys_values(x, offset)
+        q, (k, v) = self.queries(x, offset), self.keys_values(x, offset)
         if state is not None:
             k, v = torch.cat((state.keys, k), dim=2), torch.cat((state.values, v), dim=2)
         num_past = k.size(2) - length

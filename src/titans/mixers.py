@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import AttentionState, CausalSelfAttention, RotaryEmbedding, persistent_tokens, prepend_persistent
+from .attention import AttentionState, CausalSelfAttention, persistent_tokens, prepend_persistent
 from .memory import NeuralMemory, NeuralMemoryState
 from .ops import MemoryState
 
@@ -165,6 +165,14 @@ class MACState:
         return MACState(self.memory.detach(), self.segment_memory.detach(), self.keys.detach(), self.values.detach())
 
 
+def _rename_mac_attention(module, state_dict, prefix, *_):
+    """Checkpoints written before MAC attended through `CausalSelfAttention` keep loading: their `query`, `key`,
+    `value`, `out` and `persistent` entries become `attention.*`."""
+    for name in ("query.weight", "key.weight", "value.weight", "out.weight", "persistent"):
+        if prefix + name in state_dict:
+            state_dict[prefix + "attention." + name] = state_dict.pop(prefix + name)
+
+
 class MACMixer(nn.Module):
     """Memory as a Context (Section 4.1, Fig. 2). The sequence is split into segments S of `segment_len` tokens; for
     each one:  h = M*_{t-1}(q) read with the segment's queries;  y = Attn([p] || h || S) on the segment's positions;
@@ -180,20 +188,11 @@ class MACMixer(nn.Module):
         super().__init__()
         if segment_len < 1:
             raise ValueError(f"segment_len must be >= 1, got {segment_len}")
-        if dim % heads:
-            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         self.dim, self.heads, self.head_dim, self.segment_len = dim, heads, dim // heads, segment_len
         self.memory = memory
-        self.query = nn.Linear(dim, dim, bias=False)
-        self.key = nn.Linear(dim, dim, bias=False)
-        self.value = nn.Linear(dim, dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
-        self.rotary = RotaryEmbedding(self.head_dim) if rope else None
-        self.persistent = persistent_tokens(num_persistent, dim)
+        self.attention = CausalSelfAttention(dim, heads, num_persistent=num_persistent, rope=rope)
         self.gate = MemoryGate(dim)
-
-    def _heads(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, heads, T, head_dim)
+        self.register_load_state_dict_pre_hook(_rename_mac_attention)
 
     def _segment_piece(self, x: Tensor, state: MACState, store=None) -> tuple[Tensor, MACState]:
         """Tokens x (B, n, dim) that continue the current segment (state.filled + n <= segment_len). store: how the
@@ -201,23 +200,14 @@ class MACMixer(nn.Module):
         start = state.filled
         reader = NeuralMemoryState(state.segment_memory, state.memory.conv)
         h, reader = self.memory.retrieve(x, reader)  # every token of the segment reads M_{t-1}
-        q = self._heads(self.query(x))
-        k = torch.stack([self._heads(self.key(h)), self._heads(self.key(x))], dim=2)  # (B, heads, 2, n, head_dim)
-        v = torch.stack([self._heads(self.value(h)), self._heads(self.value(x))], dim=2)
-        if self.rotary is not None:
-            q, k = self.rotary(q, start), self.rotary(k, start)
-        keys, values = torch.cat([state.keys, k], dim=3), torch.cat([state.values, v], dim=3)
-        n, filled = x.shape[1], start + x.shape[1]
+        attention = self.attention
+        q = attention.queries(x, start)
+        k, v = zip(attention.keys_values(h, start), attention.keys_values(x, start))
+        keys = torch.cat([state.keys, torch.stack(k, dim=2)], dim=3)  # (B, heads, 2, filled, head_dim)
+        values = torch.cat([state.values, torch.stack(v, dim=2)], dim=3)
+        filled = start + x.shape[1]
         causal = torch.arange(filled, device=x.device)[None, :] <= torch.arange(start, filled, device=x.device)[:, None]
-        mask = torch.cat([causal, causal], dim=1)
-        flat_k, flat_v = keys.flatten(2, 3), values.flatten(2, 3)  # (B, heads, 2 * filled, head_dim)
-        if self.persistent is not None:
-            pk = self._heads(self.key(self.persistent).unsqueeze(0)).expand(x.shape[0], -1, -1, -1)
-            pv = self._heads(self.value(self.persistent).unsqueeze(0)).expand(x.shape[0], -1, -1, -1)
-            flat_k, flat_v = torch.cat([pk.to(flat_k.dtype), flat_k], 2), torch.cat([pv.to(flat_v.dtype), flat_v], 2)
-            mask = torch.cat([mask.new_ones(n, self.persistent.shape[0]), mask], dim=1)
-        y = F.scaled_dot_product_attention(q, flat_k, flat_v, attn_mask=mask)
-        y = self.out(y.transpose(1, 2).flatten(2))
+        y = attention.attend(q, keys.flatten(2, 3), values.flatten(2, 3), torch.cat([causal, causal], dim=1))
         z = F.rms_norm(x + y, (self.dim,))  # the residual stream after attention, pre-normed
         m, memory_state = (store or self.memory)(z, NeuralMemoryState(state.memory.memory, reader.conv))
         state = MACState(memory_state, state.segment_memory, keys, values)
