@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from titans.checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
 from titans.config import RunConfig
 from titans.data.timeseries import SplitSeries, Windows, load_series, split_series
+from titans.evaluate import LoadedRun
 from titans.fileio import save_yaml
 from titans.forecast import build_forecaster, error_sums
 from titans.metrics import MetricsLogger, read_metrics
@@ -130,7 +131,7 @@ def train_forecast(config: RunConfig, run_dir: Path, resume: bool = False, *, st
     return summary
 
 
-def eval_forecast(run, out: Path, split: str = "test") -> dict:
+def eval_forecast(run: LoadedRun, out: Path, split: str = "test") -> dict:
     """MSE and MAE of a loaded forecast run (:func:`titans.evaluate.load_run`) over every window of ``split``;
     writes ``forecast_<split>.json`` and ``forecast_<split>.png`` (forecasts against the truth) into ``out``."""
     config = run.config

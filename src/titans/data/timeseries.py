@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import importlib.resources
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +139,8 @@ class Windows:
             return torch.arange(len(self))
         return torch.linspace(0, len(self) - 1, count).round().long()
 
-    def batches(self, indices: Tensor, batch_size: int):
+    def batches(self, indices: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """`batch` of ``batch_size`` of the windows ``indices`` at a time."""
         for start in range(0, len(indices), batch_size):
             yield self.batch(indices[start:start + batch_size])
 
