@@ -142,6 +142,8 @@ def test_train_resume_and_eval_on_the_command_line(tmp_path, capsys):
     assert result["windows"] == 41 and result["mse"] > 0 and (whole / "eval" / "forecast_test.png").stat().st_size
     assert main(["generate", str(whole), "--prompt", "1 2"]) == 2
     assert "is a forecast run" in capsys.readouterr().err
+    assert main(["params", str(config)]) == 0
+    assert "forecast.model backbone" in capsys.readouterr().out
 
 
 def test_bad_forecast_settings_are_one_line_errors(tmp_path, capsys):

@@ -297,6 +297,13 @@ def _params(args: argparse.Namespace) -> int:
     from titans.model import count_parameters
 
     config = load_config(args.config, args.set)
+    if config.data.task == "forecast":  # the forecaster: no token embedding or LM head
+        from titans.forecast import build_forecaster
+
+        with torch.device("meta"):
+            print(f"{config.name}: forecast.model {config.forecast.model}, "
+                  f"{count_parameters(build_forecaster(config)):,} parameters")
+        return 0
     counts = count_parameters(config.model, by_component=True)
     total = count_parameters(config.model)
     width = max(len(k) for k in counts)
