@@ -59,8 +59,8 @@ class LoadedRun:
 
     @property
     def name(self) -> str:
-        forecast = self.config.data.task == "forecast" and self.config.forecast.model == "dlinear"
-        return f"{self.config.name} ({'dlinear' if forecast else self.config.model.variant}, step {self.step})"
+        dlinear = self.config.data.task == "forecast" and self.config.forecast.model == "dlinear"
+        return f"{self.config.name} ({'dlinear' if dlinear else self.config.model.variant}, step {self.step})"
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu", *, forecast_ok: bool = False) -> LoadedRun:

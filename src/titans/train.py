@@ -402,6 +402,7 @@ def train(config: RunConfig, run_dir: str | Path, resume: bool = False, *, stop_
     """Train ``config`` into ``run_dir`` (resuming its latest checkpoint when ``resume``); returns the summary.
 
     ``stop_at`` ends this session after that step with a checkpoint (to fit a time slot); resume it later.
+    A forecast run (``data.task: forecast``) trains in :func:`titans.forecasting.train_forecast`.
     Under ``torchrun`` this joins the process group, trains with DDP and leaves the group at the end.
     Raises :class:`~titans.typed_yaml.ConfigError` for an unusable config or run directory and
     :class:`TrainingError` when the loss or the gradients stop being finite.
