@@ -243,11 +243,12 @@ def mag_reference(mixer, config, x: Tensor) -> Tensor:
 def mal_reference(mixer, config, x: Tensor) -> Tensor:
     """MAL (Eqs. 29-31) with a residual around each layer: x~ = [p] || x; y = x~ + M(x~); o = y + SW-Attn(y), the
     persistent positions' y the attention's always-visible prefix. Returns o - x = M(x~) + SW-Attn(y) on the x
-    positions (the block adds x back)."""
+    positions (the block adds x back). Unless config.attention_trains_memory, the attention reads M(x~) as a constant:
+    no gradient reaches the memory through it."""
     n = _n(mixer.persistent)
     inputs = _with_persistent(mixer.persistent, x)
     m = memory_reference(mixer.memory, config, inputs)[0]
-    y = inputs + m
+    y = inputs + (m if config.attention_trains_memory else m.detach())
     attended = attention_reference(mixer.attention, y[:, n:], config.window, config.rope,
                                    prefix=y[:, :n] if n else None)
     return m[:, n:] + attended

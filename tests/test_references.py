@@ -82,6 +82,19 @@ def test_mixer_streamed_in_pieces_equals_reference(variant, persistent):
             torch.testing.assert_close(run_in_pieces(mixer, x, pieces), expected, rtol=0, atol=ATOL, msg=str(pieces))
 
 
+@pytest.mark.parametrize("trains", [False, True], ids=["memory-by-its-output", "memory-through-attention"])
+def test_mal_gradients_equal_reference(trains):
+    """MAL's gradient paths (attention_trains_memory): every parameter's gradient equals the reference's."""
+    cfg = config("mal", attention_trains_memory=trains)
+    mixer = mixer_of(cfg, seed=4)
+    x = torch.randn(2, 13, cfg.dim, dtype=F64, generator=torch.Generator().manual_seed(4))
+    cotangent = torch.randn(2, 13, cfg.dim, dtype=F64, generator=torch.Generator().manual_seed(5))
+    expected = torch.autograd.grad((mixer_reference(mixer, cfg, x) * cotangent).sum(), list(mixer.parameters()))
+    got = torch.autograd.grad((mixer(x)[0] * cotangent).sum(), list(mixer.parameters()))
+    for (name, _), want, have in zip(mixer.named_parameters(), expected, got):
+        torch.testing.assert_close(have, want, rtol=0, atol=1e-9, msg=name)
+
+
 # The ablation switches and other knobs each reference follows: a linear memory without momentum, forgetting,
 # convolutions, RoPE, surprise clipping or chunk-lr normalisation; a deep memory at chunk 1; memory heads != heads.
 SWITCHES = [

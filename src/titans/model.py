@@ -69,6 +69,7 @@ class TitansConfig:
     normalize_chunk_lr: bool = True  # theta_j / (overlap of k_j with its chunk's earlier keys): stable at any chunk
     max_grad_norm: float | None = 100.0  # per-token surprise clipping (not in the paper): a divergence guard; null: off
     learn_initial_memory: bool = True  # M_0 (zero last layer) learned by the outer loop, or fixed
+    attention_trains_memory: bool = False  # MAL: the attention's gradient reaches the memory output it reads
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -156,7 +157,8 @@ def build_mixer(config: TitansConfig) -> nn.Module:
     if c.variant == "mag":
         return MAGMixer(attention(c.window, c.num_persistent), _memory(c))
     if c.variant == "mal":
-        return MALMixer(attention(c.window, 0), _memory(c), c.num_persistent)
+        return MALMixer(attention(c.window, 0), _memory(c), c.num_persistent,
+                        attention_trains_memory=c.attention_trains_memory)
     return MACMixer(c.dim, c.heads, c.segment_len, _memory(c), c.num_persistent, rope=c.rope)
 
 
