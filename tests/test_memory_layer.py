@@ -176,3 +176,18 @@ def test_bad_input_shape_is_named():
         layer(torch.randn(2, 10, 8, dtype=F64))
     with pytest.raises(ValueError, match="init_lr"):
         NeuralMemory(16, init_lr=0.5, max_lr=0.1)
+
+
+def test_automatic_checkpointing_leaves_the_layer_gradients_unchanged():
+    """The layer's default checkpoint_chunks="auto" (groups of ~sqrt(n_chunks) at chunk 1: 4 groups of 5 and 6 at
+    23 tokens) gives the gradients of checkpointing off, odd length, float64; a bad value is refused up front."""
+    x = torch.randn(2, 23, 16, dtype=F64)
+    grads = []
+    for checkpoint_chunks in (0, "auto"):
+        layer = make_layer(chunk_size=1, checkpoint_chunks=checkpoint_chunks)
+        y, _ = layer(x)
+        grads.append(torch.autograd.grad(y.square().sum(), list(layer.parameters())))
+    for off, auto in zip(*grads):
+        assert torch.allclose(off, auto, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="checkpoint_chunks"):
+        NeuralMemory(16, checkpoint_chunks="sqrt")

@@ -6,8 +6,9 @@ import itertools
 import pytest
 import torch
 
-from titans.ops import (MLPMemory, MemoryState, current_weights, memory_retrieve, memory_scan, memory_scan_reference,
-                         memory_step)
+from titans.ops import (MLPMemory, MemoryState, auto_checkpoint_chunks, current_weights, memory_retrieve, memory_scan,
+                         memory_scan_reference, memory_step)
+from titans.ops.memory_scan import checkpoint_group
 
 F64 = torch.float64
 
@@ -264,6 +265,71 @@ def test_chunk_checkpointing_gives_the_same_values_and_gradients():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def _count_checkpoints(monkeypatch) -> list:
+    """Spy on the op's torch.utils.checkpoint.checkpoint: one entry per checkpointed group."""
+    calls, checkpoint = [], torch.utils.checkpoint.checkpoint
+
+    def spy(fn, *args, **kwargs):
+        calls.append(len(args[3]))  # the group's chunks
+        return checkpoint(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    return calls
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_automatic_checkpointing_gives_the_same_values_and_gradients(chunk, monkeypatch):
+    """The default checkpoint_chunks="auto" checkpoints small chunks (about sqrt(n_chunks) per group) and changes no
+    value or gradient: 37 tokens (a partial last chunk), continuing a state with 2 pending tokens, float64."""
+    memory = MLPMemory(dim=4, depth=2, hidden=6)
+    params = memory.init_params(3, generator=torch.Generator().manual_seed(23), dtype=F64)
+    head = make_inputs(t=2, seed=24)
+    calls = _count_checkpoints(monkeypatch)
+    results = []
+    for checkpointed in (0, "auto"):
+        inputs = [x.clone().requires_grad_() for x in make_inputs(t=37, seed=25)]
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        _, state = memory_scan(memory, p, *head, chunk_size=chunk, checkpoint_chunks=0)  # pending unless chunk 1
+        y, end = memory_scan(memory, p, *inputs, chunk_size=chunk, state=state, max_grad_norm=1.0,
+                             normalize_chunk_lr=True, checkpoint_chunks=checkpointed)
+        loss = y.square().sum() + sum(w.square().sum() for w in current_weights(memory, end).values())
+        results.append([y] + list(torch.autograd.grad(loss, list(p.values()) + inputs)))
+    n_chunks = -(-(2 % chunk + 37) // chunk)  # the pending tokens join the first chunk
+    group = auto_checkpoint_chunks(chunk, n_chunks)
+    assert group > 0 and calls == [min(group, n_chunks - i) for i in range(0, n_chunks, group)]
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_automatic_checkpointing_rule():
+    """Off from chunk size 16 up and for few chunks; about sqrt(n_chunks) chunks per group below; 0 and integers
+    pass through; anything else is refused."""
+    assert auto_checkpoint_chunks(64, 16) == 0 and auto_checkpoint_chunks(16, 64) == 0
+    assert auto_checkpoint_chunks(16, 4096) == 0 and auto_checkpoint_chunks(1, 3) == 0
+    assert auto_checkpoint_chunks(1, 1024) == 32 and auto_checkpoint_chunks(8, 128) == 12
+    assert auto_checkpoint_chunks(3, 13) == 4 and auto_checkpoint_chunks(1, 4) == 2
+    assert checkpoint_group("auto", 1, 1024) == checkpoint_group(None, 1, 1024) == 32
+    assert checkpoint_group(0, 1, 1024) == 0 and checkpoint_group(5, 64, 16) == 5 and checkpoint_group(True, 8, 9) == 1
+    for bad in (-1, 1.5, "sqrt"):
+        with pytest.raises(ValueError, match="checkpoint_chunks"):
+            checkpoint_group(bad, 1, 1024)
+
+
+def test_no_automatic_checkpointing_without_gradients_or_on_the_general_path(monkeypatch):
+    """Under no_grad, or with nothing that requires grad, the automatic rule has nothing to save: no recomputation;
+    nor on the general path (torch.func.grad refuses checkpointing's saved-tensor hooks), which still trains."""
+    memory = MLPMemory(dim=4, depth=2, hidden=6)
+    params = memory.init_params(3, generator=torch.Generator().manual_seed(26), dtype=F64)
+    calls = _count_checkpoints(monkeypatch)
+    memory_scan(memory, params, *make_inputs(t=37, seed=27), chunk_size=1)
+    params = {k: v.requires_grad_() for k, v in params.items()}
+    with torch.no_grad():
+        memory_scan(memory, params, *make_inputs(t=37), chunk_size=1)
+    y, _ = memory_scan(lambda p, x: memory(p, x), params, *make_inputs(t=37), chunk_size=1)
+    y.sum().backward()
+    assert calls == [] and all(p.grad is not None for p in params.values())
 
 
 @pytest.mark.parametrize("general", [False, True])

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import MemoryState, MLPMemory, Params, current_weights, memory_scan, memory_step, surprise_norms
+from .ops.memory_scan import checkpoint_group
 
 
 def depthwise_conv(conv: nn.Conv1d, padded: Tensor) -> Tensor:
@@ -83,7 +84,9 @@ class NeuralMemory(nn.Module):
             default 100 is a divergence guard that normal tokens never reach (docs/memory.md).
         learn_initial_memory: M_0 is a parameter of the outer loop (True) or fixed (False).
         checkpoint_chunks: activation checkpointing in groups of this many memory chunks (0: off): less training
-            memory for one more forward pass.
+            memory for one more forward pass of the memory op. "auto" (the default): chosen from the chunk size and
+            the number of chunks (`titans.ops.memory_scan.auto_checkpoint_chunks`: about sqrt(n_chunks) below chunk
+            size 16, off from 16 up), so that small chunks train in about the memory of large ones.
     """
 
     def __init__(self, dim: int, memory_heads: int = 4, head_dim: int | None = None, memory_depth: int = 2,
@@ -92,7 +95,7 @@ class NeuralMemory(nn.Module):
                  memory_conv: bool = True,
                  conv_kernel: int = 4, max_lr: float = 0.5, init_lr: float = 0.25, init_momentum: float = 0.1,
                  init_decay: float = 1e-4, max_grad_norm: float | None = 100.0, normalize_chunk_lr: bool = True,
-                 learn_initial_memory: bool = True, checkpoint_chunks: int = 0):
+                 learn_initial_memory: bool = True, checkpoint_chunks: int | str = "auto"):
         super().__init__()
         if dim < 1 or memory_heads < 1:
             raise ValueError(f"dim and memory_heads must be positive, got dim={dim}, memory_heads={memory_heads}")
@@ -106,6 +109,7 @@ class NeuralMemory(nn.Module):
                 raise ValueError(f"{name} must lie in (0, 1), got {value}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        checkpoint_group(checkpoint_chunks, chunk_size, 1)  # refuses anything but "auto" and integers >= 0
         self.dim, self.heads, self.head_dim, self.chunk_size = dim, memory_heads, head_dim, chunk_size
         self.max_lr, self.max_grad_norm, self.checkpoint_chunks = max_lr, max_grad_norm, checkpoint_chunks
         self.normalize_chunk_lr = normalize_chunk_lr

@@ -29,8 +29,9 @@ without the chunk machinery (no padding, no loop; only the new token's row of th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.utils.checkpoint
@@ -314,6 +315,33 @@ def _chunk_step(memory_fn: MemoryFn, W: Params, S: Params, keys: Tensor, values:
     return y, W, S
 
 
+AUTO_CHECKPOINT_BELOW = 16
+"""`checkpoint_chunks="auto"` checkpoints chunk sizes below this (benchmarks/NOTES.md has the measurements)."""
+
+
+def auto_checkpoint_chunks(chunk_size: int, n_chunks: int) -> int:
+    """The group size `checkpoint_chunks="auto"` picks (0: off) for a scan of n_chunks chunks of chunk_size tokens.
+    Without checkpointing, backward keeps every chunk's W and S (weight-sized) next to its token-sized
+    intermediates: the weights dominate at small chunks. Checkpointing in groups of g keeps n / g boundary states and
+    one group's intermediates at a time, least near g = sqrt(n), for one more forward pass of the op. The saving is in
+    live tensors; glibc before 2.38 hardly reuses freed PyTorch blocks (bug 14581), so there the process's resident
+    size keeps every weight-sized temporary of the forward pass anyway unless the allocator is jemalloc or the mmap
+    threshold is fixed (MALLOC_MMAP_THRESHOLD_=131072): benchmarks/NOTES.md."""
+    if chunk_size >= AUTO_CHECKPOINT_BELOW or n_chunks < 4:
+        return 0
+    return math.ceil(math.sqrt(n_chunks))
+
+
+def checkpoint_group(checkpoint_chunks: int | Literal["auto"] | None, chunk_size: int, n_chunks: int) -> int:
+    """The group size (0: off) that `checkpoint_chunks` (0: off, n > 0: groups of n chunks, "auto" or None: the
+    automatic rule) means for this scan."""
+    if checkpoint_chunks is None or checkpoint_chunks == "auto":
+        return auto_checkpoint_chunks(chunk_size, n_chunks)
+    if isinstance(checkpoint_chunks, str) or int(checkpoint_chunks) != checkpoint_chunks or checkpoint_chunks < 0:
+        raise ValueError(f"checkpoint_chunks must be 'auto' or an integer >= 0, got {checkpoint_chunks!r}")
+    return int(checkpoint_chunks)
+
+
 def _chunk_group(memory_fn: MemoryFn, W: Params, S: Params, chunks: list, max_grad_norm: float | None,
                  normalize_chunk_lr: bool):
     """Consecutive chunks, (keys, values, queries, lr, products, complete) each: their retrievals, W and S after."""
@@ -328,7 +356,8 @@ def _chunk_group(memory_fn: MemoryFn, W: Params, S: Params, chunks: list, max_gr
 def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tensor, queries: Tensor, lr: Tensor,
                 momentum: Tensor | None, decay: Tensor | None, chunk_size: int,
                 state: MemoryState | None = None, max_grad_norm: float | None = None,
-                normalize_chunk_lr: bool = False, checkpoint_chunks: int = 0) -> tuple[Tensor, MemoryState]:
+                normalize_chunk_lr: bool = False,
+                checkpoint_chunks: int | Literal["auto"] | None = "auto") -> tuple[Tensor, MemoryState]:
     """Store (keys, values) into the memory and read it with `queries`, token by token, with chunked gradients.
 
     memory_fn: f(params, x), a pure function of batched params (BH, ...) and inputs (BH, N, d), rows independent; an
@@ -343,7 +372,10 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
         nothing changes at chunk_size 1): one step-size bound then stays stable at any chunk size.
     checkpoint_chunks: activation checkpointing: with n > 0, backward recomputes each group of n chunks from its start
         state, so training holds the weights of every n-th chunk boundary only, instead of every chunk's
-        intermediates (small chunks stay affordable). 0: off.
+        intermediates (small chunks stay affordable). 0: off. "auto" (or None), the default: `auto_checkpoint_chunks`
+        picks the group from the chunk size and the number of chunks (about sqrt(n_chunks) below chunk size
+        AUTO_CHECKPOINT_BELOW, off from there on; off on the general path, whose torch.func.grad cannot run under
+        checkpointing). Only when something requires grad.
     Returns the retrievals y_t = f(W_t, q_t) of shape (BH, T, d_v) and the state after the last token.
     """
     _check_inputs(keys, values, queries, lr, momentum, decay, chunk_size)
@@ -374,8 +406,12 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
 
     products = GateProducts.build(chunked(momentum), chunked(decay), like=chunked(lr)).unbind()
     ks, vs, qs, lrs = (chunked(x).unbind(1) for x in (keys, values, queries, lr))
-    checkpointing = bool(checkpoint_chunks) and torch.is_grad_enabled()
-    group = int(checkpoint_chunks) if checkpointing else n_chunks
+    group = checkpoint_group(checkpoint_chunks, chunk_size, n_chunks)
+    if not isinstance(memory_fn, MLPMemory) and checkpoint_chunks in ("auto", None):
+        group = 0  # the general path's torch.func.grad refuses the saved-tensor hooks of checkpointing
+    tensors = [*state.weights.values(), *state.momentum.values(), keys, values, queries, lr, momentum, decay]
+    checkpointing = group > 0 and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    group = group if checkpointing else n_chunks
     W, S = state.weights, state.momentum
     outputs = []
     for first in range(0, n_chunks, group):
@@ -383,7 +419,8 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
                   for c in range(first, min(first + group, n_chunks))]
         if checkpointing:
             y, W, S = torch.utils.checkpoint.checkpoint(_chunk_group, memory_fn, W, S, chunks, max_grad_norm,
-                                                        normalize_chunk_lr, use_reentrant=False)
+                                                        normalize_chunk_lr, use_reentrant=False,
+                                                        preserve_rng_state=False)  # the op draws no random numbers
         else:
             y, W, S = _chunk_group(memory_fn, W, S, chunks, max_grad_norm, normalize_chunk_lr)
         outputs.append(y)
