@@ -210,11 +210,12 @@ def _retrieve_in_chunk(memory: MLPMemory, W: Params, S: Params, queries: Tensor,
 def _advance(memory: MLPMemory, W: Params, S: Params, inputs, deltas, end: ChunkCoefficients) -> tuple[Params, Params]:
     """W and S after the chunk's last token (Eq. 16 at the chunk end)."""
     new_W, new_S = {}, {}
+    b, c, e = (x.unsqueeze(-1) for x in (end.b, end.c, end.e))
     for i, name in enumerate(memory.names):
-        update_w = (deltas[i] * end.A.transpose(-1, -2)).transpose(-1, -2) @ inputs[i]
-        update_s = (deltas[i] * end.Q.transpose(-1, -2)).transpose(-1, -2) @ inputs[i]
-        new_W[name] = end.b.unsqueeze(-1) * W[name] + end.c.unsqueeze(-1) * S[name] - update_w
-        new_S[name] = end.e.unsqueeze(-1) * S[name] - update_s
+        lhs_w = (deltas[i] * end.A.transpose(-1, -2)).transpose(-1, -2)
+        lhs_s = (deltas[i] * end.Q.transpose(-1, -2)).transpose(-1, -2)
+        new_W[name] = torch.baddbmm(torch.addcmul(b * W[name], c, S[name]), lhs_w, inputs[i], alpha=-1)
+        new_S[name] = torch.baddbmm(e * S[name], lhs_s, inputs[i], alpha=-1)
     return new_W, new_S
 
 
