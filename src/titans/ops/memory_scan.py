@@ -214,8 +214,9 @@ def _advance(memory: MLPMemory, W: Params, S: Params, inputs, deltas, end: Chunk
     for i, name in enumerate(memory.names):
         lhs_w = (deltas[i] * end.A.transpose(-1, -2)).transpose(-1, -2)
         lhs_s = (deltas[i] * end.Q.transpose(-1, -2)).transpose(-1, -2)
-        new_W[name] = torch.baddbmm(torch.addcmul(b * W[name], c, S[name]), lhs_w, inputs[i], alpha=-1)
-        new_S[name] = torch.baddbmm(e * S[name], lhs_s, inputs[i], alpha=-1)
+        # accumulated in place into one fresh tensor each (no op saves it for backward): one weight-sized allocation
+        new_W[name] = (b * W[name]).addcmul_(c, S[name]).baddbmm_(lhs_w, inputs[i], alpha=-1)
+        new_S[name] = (e * S[name]).baddbmm_(lhs_s, inputs[i], alpha=-1)
     return new_W, new_S
 
 
