@@ -1,9 +1,11 @@
 # `make run`: set up everything and run the main job.  `make test`: set up everything and run the tests.
+# `make results`: the paper's comparisons at small scale (about 3 hours on 2 cores, resumable) -> docs/results.md;
+# `make results-quick`: the same pipeline with tiny budgets (a few minutes) -> runs/reproduce-quick/results.md.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test bench results results-quick clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,6 +19,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
+
+results: $(STAMP)
+	$(PY) -m titans data prepare
+	$(PY) -m titans reproduce
+
+results-quick: $(STAMP)
+	$(PY) -m titans data prepare
+	$(PY) -m titans reproduce --quick --out runs/reproduce-quick
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_memory.py

@@ -1,7 +1,8 @@
 """The ``titans`` command line (also ``python -m titans``).
 
 Subcommands: ``demo``, ``train``, ``eval``, ``generate``, ``niah``, ``inspect``, ``params``, ``data prepare``,
-``bench``, ``export-hf`` and ``import-hf``. A usage error (bad config key, missing file, corrupt checkpoint...) prints
+``bench``, ``reproduce``, ``export-hf`` and ``import-hf``.
+A usage error (bad config key, missing file, corrupt checkpoint...) prints
 one line to stderr and exits with status 2; a run stopped by a non-finite loss exits with status 1.
 """
 
@@ -340,6 +341,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from titans.reproduce import failed_jobs, run_reproduce
+
+    out = Path(args.out or ("runs/reproduce-quick" if args.quick else "runs/reproduce"))
+    run_reproduce(out, quick=args.quick, stages=args.stages, force=args.force, jobs_at_once=args.jobs,
+                  threads=args.threads or 1, report=Path(args.report) if args.report else None,
+                  report_only=args.report_only)
+    failed = [] if args.report_only else failed_jobs(out, args.quick, args.stages)
+    if failed:
+        print(f"titans: {len(failed)} job(s) failed: {', '.join(failed)} (their errors are in {out}/results/; "
+              f"run the same command again to retry them)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from titans.demo import run_demo
 
@@ -349,7 +365,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- flag values
 _AT_LEAST = {"max_new_tokens": 0, "generate_tokens": 0, "stop_at": 0, "top_k": 1, "samples": 1, "lengths": 1,
-             "max_tokens": 1, "piece_len": 1, "length": 1, "steps": 1, "threads": 1}
+             "max_tokens": 1, "piece_len": 1, "length": 1, "steps": 1, "threads": 1, "jobs": 1}
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -538,6 +554,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", metavar="NAME", help="benchmark names, e.g. memory attention")
     p.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="arguments passed to the benchmark scripts")
     p.set_defaults(func=_bench)
+
+    p = command("reproduce", "the paper's comparisons at small scale: train, evaluate, write docs/results.md",
+                "Run the plan of stages (lm: every variant at equal parameters and tokens; mqar: the MQAR grid, 3 "
+                "seeds; ablations: Table 5; depth: memory depth 1-4; niah: S-NIAH 1/2/3 grids; babilong: qa1-qa5 "
+                "by length) into OUT, storing every job's result as it finishes: run it again to resume. Then "
+                "write the report (docs/results.md; with --quick OUT/results.md) from the stored results.")
+    p.add_argument("--stages", nargs="+", metavar="STAGE",
+                   help="stages to run (default: all): lm mqar ablations depth niah babilong")
+    p.add_argument("--out", help="output directory (default: runs/reproduce, runs/reproduce-quick with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny budgets (a few minutes): checks the pipeline, not the numbers")
+    p.add_argument("--force", action="store_true", help="run this plan in an OUT that holds another one")
+    p.add_argument("--report", metavar="FILE", help="report path (default: docs/results.md; OUT/results.md "
+                                                     "with --quick)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from the stored results")
+    p.add_argument("--jobs", type=int, default=2, help="jobs run at once, each in its own process (default: 2)")
+    p.add_argument("--threads", type=int, help="torch threads per job (default: 1)")
+    p.set_defaults(func=_reproduce)
     return parser
 
 

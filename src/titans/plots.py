@@ -15,8 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_accuracy_vs_length", "plot_forecasts", "plot_inspection", "plot_loss_by_position",
-           "plot_loss_curves", "plot_needle_heatmap"]
+__all__ = ["plot_accuracy_vs_length", "plot_forecasts", "plot_heatmap_panels", "plot_inspection", "plot_lines",
+           "plot_loss_by_position", "plot_loss_curves", "plot_needle_heatmap"]
 
 
 def _save(fig: Figure, path: str | Path) -> Figure:
@@ -157,4 +157,73 @@ def plot_forecasts(inputs: Sequence, targets: Sequence, forecasts: Sequence, cha
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_lines(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]], path: str | Path,
+               title: str, xlabel: str | Sequence[str], ylabel: str | Sequence[str], *, logx: bool = False,
+               ylim: tuple[float, float] | None = None) -> Figure:
+    """Side-by-side panels (panel title -> line name -> (xs, ys)), one line per name, the same colour for a name
+    in every panel (``titans reproduce``'s comparisons: loss curves, loss by position, accuracy by length)."""
+    if not any(panels.values()):
+        raise ValueError("no lines to plot")
+    fig = Figure(figsize=(6.5 * len(panels), 4.5), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    names = list(dict.fromkeys(n for lines in panels.values() for n in lines))
+    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    styles = {n: ("-", "--", ":", "-.")[i // 10 % 4] for i, n in enumerate(names)}
+    for i, (ax, (panel, lines)) in enumerate(zip(axes, panels.items(), strict=True)):
+        for name, (xs, ys) in lines.items():
+            ax.plot(xs, ys, label=name, color=colors[name], linestyle=styles[name],
+                    marker="o" if len(xs) < 12 else None)
+        ax.set_xlabel(xlabel if isinstance(xlabel, str) else xlabel[i])
+        ax.set_ylabel(ylabel if isinstance(ylabel, str) else ylabel[i])
+        if logx:
+            ax.set_xscale("log", base=2)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.set_title(panel)
+        ax.grid(alpha=0.3)
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_heatmap_panels(grids: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], lengths: Sequence[int],
+                        depths: Sequence[float], path: str | Path, title: str) -> Figure:
+    """Needle grids as a table of heatmaps: one row per model, one column per task (accuracy in [0, 1], context
+    lengths as rows and depths as columns of each heatmap)."""
+    rows, cols = list(grids), list(dict.fromkeys(t for g in grids.values() for t in g))
+    if not rows or not cols:
+        raise ValueError("no grids to plot")
+    fig = Figure(figsize=(1.0 + 0.7 * len(depths) * len(cols), 0.8 + 0.45 * len(lengths) * len(rows)),
+                 layout="constrained")
+    axes = fig.subplots(len(rows), len(cols), squeeze=False)
+    image = None
+    for r, model in enumerate(rows):
+        for c, task in enumerate(cols):
+            ax = axes[r][c]
+            if task not in grids[model]:
+                ax.axis("off")
+                continue
+            grid = np.asarray(grids[model][task], dtype=float)
+            image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+            for i in range(grid.shape[0]):
+                for j in range(grid.shape[1]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6)
+            ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=6)
+            ax.set_yticks(range(len(lengths)), [str(n) for n in lengths], fontsize=6)
+            if r == 0:
+                ax.set_title(task, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{model}\nlength", fontsize=8)
+            if r == len(rows) - 1:
+                ax.set_xlabel("needle depth", fontsize=7)
+    if image is not None:
+        fig.colorbar(image, ax=axes, label="accuracy", shrink=0.6)
+    fig.suptitle(title)
     return _save(fig, path)
