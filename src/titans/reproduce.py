@@ -653,9 +653,9 @@ def _lm_section(lm: dict, plan, b: Budget, fig_dir: Path, rel) -> list[str]:
                      f"{_fmt(r['eval']['bits_per_byte'], 3)} | {_fmt(r['long']['perplexity'])} | "
                      f"{_fmt(q[-1] / q[0] if q else None, 3)} | {_fmt(_train_wall(r), 0)} | "
                      f"{_fmt(r['tokens_per_s'], 0)} | {_fmt(PAPER_TABLE1_340M_WIKI_PPL.get(name))} |")
-    curves = {"training loss (mean of the last 10 steps)": {}, "validation loss (4 batches)": {}}
+    curves = {"training loss (mean over each logging window)": {}, "validation loss (4 batches)": {}}
     for name, r in lm.items():
-        for key, panel in (("train/loss", "training loss (mean of the last 10 steps)"),
+        for key, panel in (("train/loss", "training loss (mean over each logging window)"),
                            ("eval/loss", "validation loss (4 batches)")):
             pts = [(p["step"] * r["tokens"] / max(1, r["steps"]), p[key]) for p in r["curve"] if key in p]
             if pts:
@@ -698,7 +698,8 @@ def _mqar_section(runs: list[dict], cfg: dict | None, partial: bool, fig_dir: Pa
     lines = ["", "## Associative recall: MQAR (the memory issue's benchmark)", ""]
     if not runs:
         return lines + ["Pending: no MQAR run stored yet (`benchmarks/bench_mqar.py`'s default grid, seeds 0, 1, 2; "
-                        "each seed's grid in `mqar/seed<N>/`)."]
+                        "each seed's grid in `mqar/seed<N>/`). `docs/memory.md` has the seed-0 grid measured while "
+                        "the memory's defaults were chosen."]
     bench = _bench_mqar()
     seen = {r["variant"] for r in runs}
     cfg = {**cfg, "variants": [v for v in cfg["variants"] if v in seen]}
@@ -721,9 +722,10 @@ def _ablation_section(stored, plan, lm) -> list[str]:
         return lines + ["Pending: " + ", ".join(j.label for j in jobs) + " (the hybrid: the lm stage's hybrid with "
                         "the lowest validation perplexity)."]
     lines += ["Each row switches one component off in the library's defaults, same budget as the lm stage; the full "
-              "models are the lm stage's runs. Paper: Table 5's LM perplexity (760M-scale ablations).", "",
-              "| model | val ppl | change vs full | paper ppl | paper change |", "| --- | ---: | ---: | ---: | ---: |"]
+              "models are the lm stage's runs. Paper: Table 5's LM perplexity (ablations of LMM only)."]
     for base in ("lmm", "hybrid"):
+        lines += ["", "| model | val ppl | change vs full | paper ppl | paper change |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
         results = {j.name.split("-", 1)[1]: stored[j.key] for j in jobs if j.name.startswith(base)
                    and j.key in stored}
         variant = "lmm" if base == "lmm" else next((r["resolved_spec"]["variant"] for r in results.values()), None)
@@ -745,7 +747,7 @@ def _ablation_section(stored, plan, lm) -> list[str]:
         if base == "lmm" and len(ours) > 1:
             paper_order = [ABLATIONS[n][1] for n in sorted(ABLATIONS, key=lambda n: -PAPER_TABLE5_PPL[n])]
             lines += ["", f"Ordering by the perplexity without the component (most harmful removal first): ours "
-                          f"{' > '.join(ours)}; the paper's {' > '.join(paper_order)}.", ""]
+                          f"{' > '.join(ours)}; the paper's {' > '.join(paper_order)}."]
     return lines
 
 
