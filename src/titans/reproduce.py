@@ -581,7 +581,7 @@ def write_report(out: Path, plan: Sequence[Job], report: Path, quick: bool = Fal
                   + f"; {sessions[-1]['jobs_at_once']} jobs at once, {sessions[-1]['threads']} torch thread(s) each. "
                   f"Sessions so far: " + "; ".join(f"{', '.join(s['stages'])} ({s['wall_s']:,.0f} s wall, ended "
                                                     f"{s['finished']})" for s in sessions) + "."]
-    lines += _lm_section(lm, plan, b, fig_dir, rel)
+    lines += _lm_section(lm, plan, b, fig_dir, rel, out)
     lines += _mqar_section(mqar_runs, mqar_cfg, mqar_partial, fig_dir, rel)
     lines += _ablation_section(stored, plan, lm)
     lines += _depth_section(stored, plan, lm, fig_dir, rel)
@@ -625,7 +625,18 @@ def _train_wall(r: dict) -> float | None:
     return None
 
 
-def _lm_section(lm: dict, plan, b: Budget, fig_dir: Path, rel) -> list[str]:
+def _progress(out: Path, job: Job) -> str:
+    """", trained to step N of M" for a training job interrupted after a checkpoint (it resumes there)."""
+    from titans.checkpoint import resolve_checkpoint
+
+    try:
+        step = int(resolve_checkpoint(run_dir_of(out, job)).name.rsplit("-", 1)[1])
+    except Exception:  # no run directory or checkpoint yet
+        return ""
+    return f" (checkpoint at step {step} of {job.spec['set']['train.steps']})"
+
+
+def _lm_section(lm: dict, plan, b: Budget, fig_dir: Path, rel, out: Path) -> list[str]:
     lines = ["", "## Language modelling (Table 1, small)", ""]
     if not lm:
         return lines + ["Pending: no language-model run stored yet."]
@@ -637,21 +648,25 @@ def _lm_section(lm: dict, plan, b: Budget, fig_dir: Path, rel) -> list[str]:
               f"{any_run['tokens']:,} training tokens each ({b.lm_steps} steps of {b.lm_batch} x {b.lm_seq_len}), "
               f"seed 0. Validation perplexity and bits per byte on {any_run['eval']['tokens']:,} tokens at the "
               f"training length; \"4x\" is the same text in windows of {any_run['long']['seq_len']} tokens, streamed; "
-              "\"4x last / first quarter\": perplexity over the last quarter of those windows' positions divided by "
-              "that over the first (below 1: the model uses the distant past).", "",
-              "| variant | params | tokens | val ppl | bits/byte | ppl at 4x | 4x last / first quarter | train s "
+              "\"4x by quarter\": perplexity over each quarter of those windows' positions (the first quarter is "
+              "the training length; falling or flat beyond it: the model keeps using a longer past, rising: it "
+              "does not extrapolate). \"train s\": training wall seconds (sum over the logged windows, every "
+              "session; the machine was shared, so read throughput as relative).", "",
+              "| variant | params | tokens | val ppl | bits/byte | ppl at 4x | 4x by quarter | train s "
               "| train tok/s | paper 340M Wiki ppl |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name in LM_VARIANTS:
         if name not in lm:
-            if any(j.key == f"lm/{name}" for j in plan):
-                lines.append(f"| {name} | pending | | | | | | | | {_fmt(PAPER_TABLE1_340M_WIKI_PPL.get(name))} |")
+            job = next((j for j in plan if j.key == f"lm/{name}"), None)
+            if job is not None:
+                lines.append(f"| {name} | pending{_progress(out, job)} | | | | | | | | "
+                             f"{_fmt(PAPER_TABLE1_340M_WIKI_PPL.get(name))} |")
             continue
         r = lm[name]
         q = _quarters(r["long_loss_by_position"])
         lines.append(f"| {name} | {r['params']:,} | {r['tokens']:,} | {_fmt(r['eval']['perplexity'])} | "
                      f"{_fmt(r['eval']['bits_per_byte'], 3)} | {_fmt(r['long']['perplexity'])} | "
-                     f"{_fmt(q[-1] / q[0] if q else None, 3)} | {_fmt(_train_wall(r), 0)} | "
+                     f"{' / '.join(f'{v:.2f}' for v in q) or '-'} | {_fmt(_train_wall(r), 0)} | "
                      f"{_fmt(r['tokens_per_s'], 0)} | {_fmt(PAPER_TABLE1_340M_WIKI_PPL.get(name))} |")
     curves = {"training loss (mean over each logging window)": {}, "validation loss (4 batches)": {}}
     for name, r in lm.items():
@@ -849,12 +864,14 @@ def _discussion(lm, stored, plan, mqar_runs, mqar_cfg) -> list[str]:
             lines.append("- The paper: MAC ~ MAG > MAL at 340M-760M. Here: " + ", ".join(
                 f"{n} {lm[n]['eval']['perplexity']:.2f}" for n in sorted(hybrids, key=lambda n:
                                                                           lm[n]["eval"]["perplexity"])) + ".")
-        lines.append("- One seed per language model: differences of a few percent in perplexity at this budget are "
-                     "within what a second seed can move (MQAR below shows the seed spread of this codebase); read "
-                     "the order of close variants as undecided.")
+        lines.append("- One seed per language model (the plan's budget): the seed spread of these runs is not "
+                     "measured, so read differences of a few percent in perplexity as undecided; `--set "
+                     "train.seed=N` through `titans train` with the same overrides adds seeds.")
     if mqar_runs:
-        lines.append("- MQAR: see the table; 'beyond' is the share of answers whose key is outside the attention "
-                     "window, which only a memory (or full attention) can answer.")
+        seeds = sorted({r["seed"] for r in mqar_runs})
+        lines.append(f"- MQAR ({len(seeds)} seed(s): {', '.join(map(str, seeds))}): 'beyond' is the accuracy on answers "
+                     "whose key is outside the attention window, which only a memory (or full attention) can give; "
+                     "with several seeds the spread (min-max) says which differences are real.")
     lines += ["- Scale: ~1.5M parameters and ~1M byte tokens per model on CPU against the paper's 170M-760M models "
               "on 15-30B BPE tokens of FineWeb-Edu at 4K context; at this budget models are far from converged and "
               "the ranking measures how fast each variant learns as much as what it can reach.",
