@@ -847,6 +847,7 @@ def _babilong_section(stored, plan, fig_dir: Path, rel) -> list[str]:
 
 def _discussion(lm, stored, plan, mqar_runs, mqar_cfg) -> list[str]:
     lines = ["", "## What happened, against the paper", ""]
+    seq_len = next(iter(lm.values()))["long"]["seq_len"] // 4 if lm else "?"
     if lm:
         order = sorted(lm, key=lambda n: lm[n]["eval"]["perplexity"])
         lines.append(f"- Language modelling, best to worst validation perplexity: "
@@ -874,7 +875,13 @@ def _discussion(lm, stored, plan, mqar_runs, mqar_cfg) -> list[str]:
                      "with several seeds the spread (min-max) says which differences are real.")
     lines += ["- Scale: ~1.5M parameters and ~1M byte tokens per model on CPU against the paper's 170M-760M models "
               "on 15-30B BPE tokens of FineWeb-Edu at 4K context; at this budget models are far from converged and "
-              "the ranking measures how fast each variant learns as much as what it can reach.",
+              "the ranking measures how fast each variant learns as much as what it can reach. Tokens are bytes "
+              "(`configs/lm/small`'s default; bits per byte compare across tokenizers), so perplexities are per "
+              "byte and not comparable in size with the paper's per-BPE-token ones: compare orderings.",
+              f"- Length: trained at {seq_len} tokens; the paper trains at 4K. At 4x, full attention with RoPE "
+              "(transformer) reads positions further apart than it was trained on; the sliding-window variants see "
+              "at most their window at every position, and the memory variants carry their state through the "
+              "whole window.",
               "- Not yet in the pipeline (pending work, not results): needle examples mixed into language-model "
               "training and BABILong fine-tuning; the S-NIAH and BABILong stages evaluate the plain-text models "
               "as they are, so near-zero accuracies are expected there."]
