@@ -26,7 +26,7 @@ results: $(STAMP)
 
 results-quick: $(STAMP)
 	$(PY) -m titans data prepare
-	$(PY) -m titans reproduce --quick --out runs/reproduce-quick
+	$(PY) -m titans reproduce --quick --force --out runs/reproduce-quick
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_memory.py
