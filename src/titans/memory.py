@@ -86,7 +86,8 @@ class NeuralMemory(nn.Module):
         checkpoint_chunks: activation checkpointing in groups of this many memory chunks (0: off): less training
             memory for one more forward pass of the memory op. "auto" (the default): chosen from the chunk size and
             the number of chunks (`titans.ops.memory_scan.auto_checkpoint_chunks`: about sqrt(n_chunks) below chunk
-            size 16, off from 16 up), so that small chunks train in about the memory of large ones.
+            size 16, off from 16 up), so that small chunks train in about the memory of large ones (live tensors;
+            glibc < 2.38's allocator keeps more resident: benchmarks/NOTES.md).
     """
 
     def __init__(self, dim: int, memory_heads: int = 4, head_dim: int | None = None, memory_depth: int = 2,

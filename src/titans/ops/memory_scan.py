@@ -214,9 +214,11 @@ def _advance(memory: MLPMemory, W: Params, S: Params, inputs, deltas, end: Chunk
     for i, name in enumerate(memory.names):
         lhs_w = (deltas[i] * end.A.transpose(-1, -2)).transpose(-1, -2)
         lhs_s = (deltas[i] * end.Q.transpose(-1, -2)).transpose(-1, -2)
-        # accumulated in place into one fresh tensor each (no op saves it for backward): one weight-sized allocation
-        new_W[name] = (b * W[name]).addcmul_(c, S[name]).baddbmm_(lhs_w, inputs[i], alpha=-1)
-        new_S[name] = (e * S[name]).baddbmm_(lhs_s, inputs[i], alpha=-1)
+        # b W + c S - update accumulated in place into the fresh b W (no op saves it for backward): 3 weight-sized
+        # temporaries fewer per layer, the same roundings as out of place. Not addcmul / baddbmm: fused multiply-adds
+        # round differently in vectorised bodies and scalar tails, so a row's result would depend on the batch.
+        new_W[name] = (b * W[name]).add_(c * S[name]).sub_(lhs_w @ inputs[i])
+        new_S[name] = (e * S[name]).sub_(lhs_s @ inputs[i])
     return new_W, new_S
 
 
@@ -327,8 +329,8 @@ def auto_checkpoint_chunks(chunk_size: int, n_chunks: int) -> int:
     intermediates: the weights dominate at small chunks. Checkpointing in groups of g keeps n / g boundary states and
     one group's intermediates at a time, least near g = sqrt(n), for one more forward pass of the op. The saving is in
     live tensors; glibc before 2.38 hardly reuses freed PyTorch blocks (bug 14581), so there the process's resident
-    size keeps every weight-sized temporary of the forward pass anyway unless the allocator is jemalloc or the mmap
-    threshold is fixed (MALLOC_MMAP_THRESHOLD_=131072): benchmarks/NOTES.md."""
+    size falls less (the blocks the checkpointed forward pass frees stay resident) unless the allocator is jemalloc or
+    the mmap threshold is fixed (MALLOC_MMAP_THRESHOLD_=131072): benchmarks/NOTES.md."""
     if chunk_size >= AUTO_CHECKPOINT_BELOW or n_chunks < 4:
         return 0
     return math.ceil(math.sqrt(n_chunks))
