@@ -1,6 +1,7 @@
 """Peak memory and speed of the NeuralMemory layer's forward+backward by chunk size and activation checkpointing.
 
     python benchmarks/bench_checkpointing.py                         # the issue-11 shape, B2 x 1K, 1 thread
+    python benchmarks/bench_checkpointing.py --malloc glibc mmap128k   # without jemalloc (apt libjemalloc2)
     python benchmarks/bench_checkpointing.py --chunks 64 8 1 --groups 0 auto 16 32 --rounds 2 --json runs/ckpt.json
 
 The layer: `NeuralMemory(dim=256, memory_heads=4, memory_depth=2, memory_expansion=4)` (4 heads x 64, memory MLP
@@ -11,6 +12,8 @@ one warm-up pass and --repeats timed ones: the figures are the growth of the pea
 the first pass (the memory one training step needs on top of the model and its inputs) and tokens/s from the median
 pass. --rounds repeats every configuration in alternating order (the machine is shared): the table gives the median
 tokens/s and the largest peak over the rounds, and the ratio of the peak to chunk 64's with checkpointing off.
+--malloc runs each configuration under each allocator setting (see MALLOC): glibc as it comes, and jemalloc with
+freed pages returned at once, which gives the live tensors' peak. Findings and figures: benchmarks/NOTES.md.
 """
 
 from __future__ import annotations

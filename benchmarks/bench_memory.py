@@ -141,8 +141,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--depth", type=int, default=2, help="memory_depth L_M")
     parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--checkpoint-chunks", type=int, default=0,
-                        help="activation checkpointing in groups of this many memory chunks (0: off)")
+    parser.add_argument("--checkpoint-chunks", type=lambda s: s if s == "auto" else int(s), default="auto",
+                        help="activation checkpointing in groups of this many memory chunks (0: off; auto, the "
+                             "layer's default: chosen from the chunk size, see benchmarks/bench_checkpointing.py)")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes of the layer and of the fast op")
     parser.add_argument("--naive-repeats", type=int, default=2, help="timed passes of the naive op")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
