@@ -74,7 +74,8 @@ class TrainConfig:
     compile: bool = False
     """Wrap the model in torch.compile."""
     activation_checkpointing: bool = False
-    """Recompute activations per memory chunk in the backward pass to save memory."""
+    """true: the memory recomputes every chunk in the backward pass (least memory); false: its automatic choice
+    (`NeuralMemory(checkpoint_chunks="auto")`: groups of about sqrt(chunks) below chunk size 16, none above)."""
     tbptt_segments: int = 1
     """Split each sequence into this many segments fed in turn, carrying the memory state forward."""
     tbptt_horizon: int | None = None
