@@ -394,13 +394,17 @@ def run_reproduce(out: Path, *, quick: bool = False, stages: Sequence[str] | Non
     if not report_only:
         check_out(out, plan, quick, force)
         started = time.perf_counter()
+        log = read_json(out / "sessions.json") or {"sessions": []}
+        session = {"stages": stages, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                   "finished": None, "wall_s": None, "machine": machine(), "jobs_at_once": jobs_at_once,
+                   "threads": threads}
+        log["sessions"].append(session)  # recorded now: an interrupted session stays listed, unfinished
+        write_json(out / "sessions.json", log)
         for stage in STAGES:
             if stage in stages:
                 _run_stage(out, plan, stage, jobs_at_once, threads, say, runner or run_job)
-        log = read_json(out / "sessions.json") or {"sessions": []}
-        log["sessions"].append({"stages": stages, "wall_s": round(time.perf_counter() - started, 1),
-                                "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                                "machine": machine(), "jobs_at_once": jobs_at_once, "threads": threads})
+        session.update(wall_s=round(time.perf_counter() - started, 1),
+                       finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
         write_json(out / "sessions.json", log)
     elif not (out / "plan.json").is_file():
         raise FileNotFoundError(f"{out / 'plan.json'}: nothing stored in {out} to report on")
@@ -531,6 +535,13 @@ def _quarters(losses: Sequence[float]) -> list[float]:
     return [math.exp(statistics.fmean(losses[q * n:(q + 1) * n])) for q in range(4)] if n else []
 
 
+def _session(s: dict) -> str:
+    stages = ", ".join(s["stages"])
+    if s.get("finished") is None:
+        return f"{stages} (started {s.get('started', '?')}, interrupted)"
+    return f"{stages} ({s['wall_s']:,.0f} s wall, ended {s['finished']})"
+
+
 def _stage_status(plan: Sequence[Job], stored: dict[str, dict], stage: str, extra_done: int = 0) -> tuple[int, int]:
     jobs = [j for j in plan if j.stage == stage]
     return sum(j.key in stored for j in jobs) + extra_done, len(jobs)
@@ -579,8 +590,7 @@ def write_report(out: Path, plan: Sequence[Job], report: Path, quick: bool = Fal
         lines += ["", f"Machine: {m['processor']}, {m['cpu_count']} CPU cores, {m['platform']}, Python {m['python']}, "
                       f"torch {m['torch']}" + (f", {m['cuda']}" if m.get("cuda") else ", no GPU")
                   + f"; {sessions[-1]['jobs_at_once']} jobs at once, {sessions[-1]['threads']} torch thread(s) each. "
-                  f"Sessions so far: " + "; ".join(f"{', '.join(s['stages'])} ({s['wall_s']:,.0f} s wall, ended "
-                                                    f"{s['finished']})" for s in sessions) + "."]
+                  "Sessions so far: " + "; ".join(_session(s) for s in sessions) + "."]
     lines += _lm_section(lm, plan, b, fig_dir, rel, out)
     lines += _mqar_section(mqar_runs, mqar_cfg, mqar_partial, fig_dir, rel)
     lines += _ablation_section(stored, plan, lm)
