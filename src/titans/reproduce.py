@@ -47,8 +47,9 @@ FORMAT_VERSION = 1
 STAGES = ("lm", "mqar", "ablations", "depth", "niah", "babilong")
 LM_VARIANTS = ("transformer", "swa", "deltanet", "gated_deltanet", "ttt", "lmm", "mac", "mag", "mal")
 HYBRIDS = ("mac", "mag", "mal")
-# the order jobs start in: the comparisons the paper is about first, so that an interrupted plan has them
-RUN_ORDER = ("transformer", "swa", "lmm", "mag", "mac", "mal", "deltanet", "gated_deltanet", "ttt")
+# the order jobs start in: the attention baselines, the memory alone and a hybrid first, then the cheap recurrent
+# baselines, then the slowest models, so that an interrupted plan has as many comparisons as its time allowed
+RUN_ORDER = ("transformer", "swa", "lmm", "mag", "deltanet", "gated_deltanet", "mac", "mal", "ttt")
 # Table 5's switches: name -> (config overrides, label)
 ABLATIONS = {
     "linear_memory": ({"model.memory_depth": 1}, "linear memory"),
@@ -590,7 +591,7 @@ def write_report(out: Path, plan: Sequence[Job], report: Path, quick: bool = Fal
         lines += ["", f"Machine: {m['processor']}, {m['cpu_count']} CPU cores, {m['platform']}, Python {m['python']}, "
                       f"torch {m['torch']}" + (f", {m['cuda']}" if m.get("cuda") else ", no GPU")
                   + f"; {sessions[-1]['jobs_at_once']} jobs at once, {sessions[-1]['threads']} torch thread(s) each. "
-                  "Sessions so far: " + "; ".join(_session(s) for s in sessions) + "."]
+                  "Recorded sessions: " + "; ".join(_session(s) for s in sessions) + "."]
     lines += _lm_section(lm, plan, b, fig_dir, rel, out)
     lines += _mqar_section(mqar_runs, mqar_cfg, mqar_partial, fig_dir, rel)
     lines += _ablation_section(stored, plan, lm)
@@ -867,10 +868,27 @@ def _discussion(lm, stored, plan, mqar_runs, mqar_cfg) -> list[str]:
         if "lmm" in lm:
             non_hybrid = [n for n in lm if n not in HYBRIDS]
             best = min(non_hybrid, key=lambda n: lm[n]["eval"]["perplexity"])
+            missing = [n for n in LM_VARIANTS if n not in HYBRIDS and n not in lm]
             lines.append(f"- The paper: LMM is the best non-hybrid model. Here the best non-hybrid is {best}"
+                         + (f" among those run so far ({', '.join(non_hybrid)}; {', '.join(missing)} pending)"
+                            if missing else "")
                          + (" (agrees)." if best == "lmm" else f" (lmm {lm['lmm']['eval']['perplexity']:.2f} "
                             f"against {lm[best]['eval']['perplexity']:.2f}: differs)."))
+        rising, flat = [], []
+        for n in lm:
+            q = _quarters(lm[n]["long_loss_by_position"])
+            if q:
+                (rising if q[-1] > 1.1 * q[0] else flat).append(f"{n} ({q[0]:.2f} -> {q[-1]:.2f})")
+        lines.append("- Perplexity by position at 4x the training length, first quarter -> last quarter: "
+                     + (f"rises by more than 10% for {', '.join(rising)}" if rising else "no model rises by 10%")
+                     + (f"; within 10% for {', '.join(flat)}" if flat else "") + ".")
         hybrids = [n for n in HYBRIDS if n in lm]
+        if hybrids and "lmm" in lm:
+            base = lm["lmm"]["eval"]["perplexity"]
+            lines.append("- The paper: every hybrid beats LMM (Table 1 at 340M). Here: " + ", ".join(
+                f"{n} {lm[n]['eval']['perplexity']:.2f} vs lmm {base:.2f} "
+                f"({'agrees' if lm[n]['eval']['perplexity'] < base else 'differs'}, "
+                f"{100 * (lm[n]['eval']['perplexity'] / base - 1):+.1f}%)" for n in hybrids) + ".")
         if hybrids:
             lines.append("- The paper: MAC ~ MAG > MAL at 340M-760M. Here: " + ", ".join(
                 f"{n} {lm[n]['eval']['perplexity']:.2f}" for n in sorted(hybrids, key=lambda n:
