@@ -145,7 +145,7 @@ def measure(impl: str, workload: str, spec: tuple, iters: int, new_tokens: int) 
                  _our_mac(vocab, layers, chunk, sum(p.numel() for p in peer.parameters()))).eval()
         prompt = torch.randint(0, vocab, (1, length))
         with torch.inference_mode():
-            prefill = _timed(lambda: model(prompt) if impl == "ours" else model(prompt), iters)
+            prefill = _timed(lambda: model(prompt), iters)
             if impl == "ours":
                 generate = lambda: model.generate(prompt, max_new_tokens=new_tokens)  # noqa: E731
             else:
