@@ -133,6 +133,24 @@ def test_synthetic_accuracy_by_length_writes_json_and_plot(tmp_path):
         evaluate.evaluate_synthetic(run, [12], samples=1)
 
 
+@pytest.mark.parametrize("variant", ["mac", "mal"])
+def test_load_run_reads_checkpoints_written_before_the_series_gate(tmp_path, variant):
+    """A MAC or MAL checkpoint saved without `series_gate` (and, for MAC, with its attention at the mixer level) loads
+    through `titans eval`'s path and computes what it did: the series form, g = 1."""
+    run_config = config(variant=variant)
+    torch.manual_seed(0)
+    model = TitansLM(run_config.model.replace(series_gate_init=1.0)).eval()
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("series_gate")}
+    if variant == "mac":
+        old = {k.replace("mixer.attention.", "mixer."): v for k, v in old.items()}
+    model.state_dict = lambda: old  # save exactly the old release's keys
+    path = save_checkpoint(tmp_path / "run", 1, model, extra={"config": to_dict(run_config)})
+    run = evaluate.load_run(path)
+    assert all(torch.equal(b.mixer.series_gate, torch.ones(16)) for b in run.model.blocks)
+    tokens = torch.randint(0, 16, (2, 20))
+    torch.testing.assert_close(run.model(tokens)[0], TitansLM.forward(model, tokens)[0], rtol=0, atol=0)
+
+
 def test_load_run_needs_a_training_checkpoint(tmp_path):
     model = TitansLM(config().model)
     path = save_checkpoint(tmp_path / "run", 1, model, extra={})

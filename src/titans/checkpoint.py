@@ -43,6 +43,7 @@ __all__ = [
     "atomic_write",
     "capture_rng_state",
     "check_model_state",
+    "upgrade_model_state",
     "checkpoint_root",
     "latest_checkpoint",
     "list_checkpoints",
@@ -398,6 +399,15 @@ def _read_tensors(ckpt: Path, filename: str, meta: dict) -> dict[str, torch.Tens
         raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
 
 
+def upgrade_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Bring a model state saved by an older release to ``model``'s names, in place: every submodule with an
+    ``upgrade_state_dict(state, prefix)`` (renamed or added parameters) applies it, as ``load_state_dict`` does."""
+    for name, module in model.named_modules():
+        upgrade = getattr(module, "upgrade_state_dict", None)
+        if callable(upgrade):
+            upgrade(state, f"{name}." if name else "")
+
+
 def check_model_state(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Raise ``CheckpointError`` unless ``state`` has exactly ``model``'s keys and shapes (``model`` may be on the meta
     device: nothing is allocated)."""
@@ -447,6 +457,7 @@ def load_checkpoint(
                       stacklevel=2)
 
     if model is not None:
+        upgrade_model_state(model, model_state)
         check_model_state(ckpt / MODEL_FILE, model, model_state)
     if optimizer is not None:
         if optimizer_state is None:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from titans.batches import EVAL_SEED_OFFSET, Batch, make_task_from_config, open_text_stream, text_tokenizer_name
-from titans.checkpoint import CheckpointError, atomic_write, check_model_state, load_checkpoint, resolve_checkpoint
+from titans.checkpoint import (CheckpointError, atomic_write, check_model_state, load_checkpoint, resolve_checkpoint,
+                               upgrade_model_state)
 from titans.config import RunConfig
 from titans.data.corpus import default_data_dir, load_manifest
 from titans.data.synthetic import NeedleTask, SyntheticDataset
@@ -81,6 +82,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu", *, forecast_o
     build = (lambda: build_forecaster(config)) if config.data.task == "forecast" else (lambda: TitansLM(config.model))
     with torch.device("meta"):  # shapes first: a hostile config (vocab_size 10**13) must not allocate anything
         skeleton = build()
+    upgrade_model_state(skeleton, loaded["model_state"])
     try:
         check_model_state(checkpoint, skeleton, loaded["model_state"])
     except CheckpointError as exc:

@@ -33,6 +33,25 @@ class MemoryGate(nn.Module):
         return self.norm_memory(m) * torch.sigmoid(self.norm_attention(y))
 
 
+def series_gate(dim: int, init: float) -> nn.Parameter:
+    """g of MAC and MAL: the learned per-channel weight of what one layer passes on to the next in series (MAC: the
+    attention output into the memory; MAL: the memory output into the attention), starting at `init`. Started at 1
+    (the paper's series form), both hybrids sat on a unigram plateau in language modelling for hundreds of steps;
+    started at 0 they learn like `lmm` and `mag`, and recall better on MQAR (docs/memory.md)."""
+    return nn.Parameter(torch.full((dim,), float(init)))
+
+
+def _fill_series_gate(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Checkpoints written before the series gate existed keep loading, and compute what they did: g = 1."""
+    if prefix + "series_gate" not in state_dict:
+        state_dict[prefix + "series_gate"] = torch.ones_like(module.series_gate, device="cpu")
+
+
+def _upgrade_on_load(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """load_state_dict pre-hook: the module's `upgrade_state_dict` (checkpoint loading calls it before its key check)."""
+    module.upgrade_state_dict(state_dict, prefix)
+
+
 def _with_persistent_prefix(memory: NeuralMemory, persistent: Tensor | None, x: Tensor,
                             state: NeuralMemoryState | None) -> tuple[Tensor, Tensor | None, NeuralMemoryState]:
     """M([p] || x): at the start of a sequence the memory first reads the persistent tokens (Section 3.3). Returns
@@ -120,24 +139,30 @@ class MALState:
 
 class MALMixer(nn.Module):
     """Memory as a Layer (Section 4.3, Eqs. 29-31) in an H3-like block with a residual around each layer (4.4):
-    x~ = [p] || x;  y = x~ + M(x~);  o = y + SW-Attn(y). The persistent tokens reach the attention through the
-    memory: their outputs y_p are the attention's prefix, visible to every position whatever the window. Returns
-    o - x~ = M(x~) + SW-Attn(y): the block's own residual adds x back.
+    x~ = [p] || x;  y = x~ + g * M(x~);  o = y + SW-Attn(y), with g the learned `series_gate` (Eq. 30 has g = 1).
+    The persistent tokens reach the attention through the memory: their outputs y_p are the attention's prefix,
+    visible to every position whatever the window. Returns M(x~) + SW-Attn(y): the block's own residual adds x back.
     attention_trains_memory=False (the default) stops the attention's gradient at the memory output it reads: the
     forward pass is the paper's, but the memory is trained by its own output only. Trained through the attention, the
     memory learned to pass tokens through to it and never to recall: MQAR answers beyond the window 3.4% against
     82.7-99.2% with the gradient stopped (docs/memory.md)."""
 
     def __init__(self, attention: CausalSelfAttention, memory: NeuralMemory, num_persistent: int,
-                 attention_trains_memory: bool = False):
+                 attention_trains_memory: bool = False, series_gate_init: float = 0.0):
         super().__init__()
         self.attention, self.memory = attention, memory
         self.persistent = persistent_tokens(num_persistent, memory.dim)
         self.attention_trains_memory = attention_trains_memory
+        self.series_gate = series_gate(memory.dim, series_gate_init)
+        self.register_load_state_dict_pre_hook(_upgrade_on_load)
+
+    def upgrade_state_dict(self, state_dict: dict, prefix: str = "") -> None:
+        """Bring a state dict of an older release to this mixer's names, in place."""
+        _fill_series_gate(self, state_dict, prefix)
 
     def _read(self, m: Tensor) -> Tensor:
-        """The memory output as the attention reads it."""
-        return m if self.attention_trains_memory else m.detach()
+        """g * M(x~), the memory output as the attention reads it."""
+        return self.series_gate.to(m.dtype) * (m if self.attention_trains_memory else m.detach())
 
     def forward(self, x: Tensor, state: MALState | None = None):
         m, m_persistent, memory_state = _with_persistent_prefix(self.memory, self.persistent, x,
@@ -145,7 +170,7 @@ class MALMixer(nn.Module):
         y = x + self._read(m)
         if state is not None:
             prefix = state.prefix
-        else:  # y_p = p + M(p), in x's dtype like y
+        else:  # y_p = p + g * M(p), in x's dtype like y
             prefix = None if m_persistent is None else self.persistent.to(x.dtype) + self._read(m_persistent)
         o, attention_state = self.attention(y, None if state is None else state.attention, prefix=prefix)
         return m + o, MALState(attention_state, memory_state, prefix)
@@ -175,18 +200,10 @@ class MACState:
         return MACState(self.memory.detach(), self.segment_memory.detach(), self.keys.detach(), self.values.detach())
 
 
-def _rename_mac_attention(module, state_dict, prefix, *_):
-    """Checkpoints written before MAC attended through `CausalSelfAttention` keep loading: their `query`, `key`,
-    `value`, `out` and `persistent` entries become `attention.*`."""
-    for name in ("query.weight", "key.weight", "value.weight", "out.weight", "persistent"):
-        if prefix + name in state_dict:
-            state_dict[prefix + "attention." + name] = state_dict.pop(prefix + name)
-
-
 class MACMixer(nn.Module):
     """Memory as a Context (Section 4.1, Fig. 2). The sequence is split into segments S of `segment_len` tokens; for
     each one:  h = M*_{t-1}(q) read with the segment's queries;  y = Attn([p] || h || S) on the segment's positions;
-    z = RMSNorm(S + y);  M_t = M_{t-1}.store(z);  o = M*_t(z) (x) y.
+    z = RMSNorm(S + g * y);  M_t = M_{t-1}.store(z);  o = M*_t(z) (x) y, with g the learned `series_gate`.
     The memory stores and reads the residual stream after attention (every block has residuals, Section 4.4),
     pre-normed like every layer's input, and carries the output's content (`MemoryGate`). As Eqs. 24-25 write it
     (store y, attention as the content) the memory went unused: MQAR answers beyond the segment 10% (docs/memory.md).
@@ -194,7 +211,7 @@ class MACMixer(nn.Module):
     derives from x_j, so seeing later h's would leak the future). Token i's memory read M*(z_i) sees M after z_i."""
 
     def __init__(self, dim: int, heads: int, segment_len: int, memory: NeuralMemory, num_persistent: int,
-                 rope: bool = True):
+                 rope: bool = True, series_gate_init: float = 0.0):
         super().__init__()
         if segment_len < 1:
             raise ValueError(f"segment_len must be >= 1, got {segment_len}")
@@ -202,7 +219,17 @@ class MACMixer(nn.Module):
         self.memory = memory
         self.attention = CausalSelfAttention(dim, heads, num_persistent=num_persistent, rope=rope)
         self.gate = MemoryGate(dim)
-        self.register_load_state_dict_pre_hook(_rename_mac_attention)
+        self.series_gate = series_gate(dim, series_gate_init)
+        self.register_load_state_dict_pre_hook(_upgrade_on_load)
+
+    def upgrade_state_dict(self, state_dict: dict, prefix: str = "") -> None:
+        """Bring a state dict of an older release to this mixer's names, in place: before MAC attended through
+        `CausalSelfAttention`, its `query`, `key`, `value`, `out` and `persistent` sat at the mixer level; before the
+        series gate, g was 1."""
+        for name in ("query.weight", "key.weight", "value.weight", "out.weight", "persistent"):
+            if prefix + name in state_dict:
+                state_dict[prefix + "attention." + name] = state_dict.pop(prefix + name)
+        _fill_series_gate(self, state_dict, prefix)
 
     def _segment_piece(self, x: Tensor, state: MACState, store=None) -> tuple[Tensor, MACState]:
         """Tokens x (B, n, dim) that continue the current segment (state.filled + n <= segment_len). store: how the
@@ -218,7 +245,7 @@ class MACMixer(nn.Module):
         filled = start + x.shape[1]
         causal = torch.arange(filled, device=x.device)[None, :] <= torch.arange(start, filled, device=x.device)[:, None]
         y = attention.attend(q, keys.flatten(2, 3), values.flatten(2, 3), torch.cat([causal, causal], dim=1))
-        z = F.rms_norm(x + y, (self.dim,))  # the residual stream after attention, pre-normed
+        z = F.rms_norm(x + self.series_gate.to(y.dtype) * y, (self.dim,))  # the residual stream after attention
         m, memory_state = (store or self.memory)(z, NeuralMemoryState(state.memory.memory, reader.conv))
         state = MACState(memory_state, state.segment_memory, keys, values)
         if filled == self.segment_len:  # segment complete: the next one reads the memory as it is now

@@ -70,6 +70,10 @@ class TitansConfig:
     max_grad_norm: float | None = 100.0  # per-token surprise clipping (not in the paper): a divergence guard; null: off
     learn_initial_memory: bool = True  # M_0 (zero last layer) learned by the outer loop, or fixed
     attention_trains_memory: bool = False  # MAL: the attention's gradient reaches the memory output it reads
+    # MAC and MAL chain attention and memory in series: MAC's memory stores RMSNorm(S + g * y), MAL's attention reads
+    # x~ + g * M(x~), with g a learned per-channel weight starting here. 1.0: the paper's series form from the start,
+    # which held both on a unigram plateau in language modelling (docs/memory.md)
+    series_gate_init: float = 0.0
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -90,6 +94,9 @@ class TitansConfig:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}; "
                              "change model.max_grad_norm")
+        if not math.isfinite(self.series_gate_init):
+            raise ValueError(f"series_gate_init must be finite, got {self.series_gate_init}; "
+                             "change model.series_gate_init")
         if self.memory_expansion <= 0:
             raise ValueError(f"memory_expansion must be > 0, got {self.memory_expansion}")
         if self.memory_heads is not None and self.memory_heads < 1:
@@ -158,8 +165,9 @@ def build_mixer(config: TitansConfig) -> nn.Module:
         return MAGMixer(attention(c.window, c.num_persistent), _memory(c))
     if c.variant == "mal":
         return MALMixer(attention(c.window, 0), _memory(c), c.num_persistent,
-                        attention_trains_memory=c.attention_trains_memory)
-    return MACMixer(c.dim, c.heads, c.segment_len, _memory(c), c.num_persistent, rope=c.rope)
+                        attention_trains_memory=c.attention_trains_memory, series_gate_init=c.series_gate_init)
+    return MACMixer(c.dim, c.heads, c.segment_len, _memory(c), c.num_persistent, rope=c.rope,
+                    series_gate_init=c.series_gate_init)
 
 
 @dataclass
