@@ -16,7 +16,7 @@ from torch import nn
 
 from titans import evaluate
 from titans.batches import Batch
-from titans.checkpoint import CheckpointError, save_checkpoint
+from titans.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from titans.cli import main
 from titans.config import RunConfig
 from titans.data import corpus
@@ -143,12 +143,17 @@ def test_load_run_reads_checkpoints_written_before_the_series_gate(tmp_path, var
     old = {k: v for k, v in model.state_dict().items() if not k.endswith("series_gate")}
     if variant == "mac":
         old = {k.replace("mixer.attention.", "mixer."): v for k, v in old.items()}
+    old_optimizer = torch.optim.AdamW(p for n, p in model.named_parameters() if not n.endswith("series_gate"))
     model.state_dict = lambda: old  # save exactly the old release's keys
-    path = save_checkpoint(tmp_path / "run", 1, model, extra={"config": to_dict(run_config)})
+    path = save_checkpoint(tmp_path / "run", 1, model, old_optimizer, extra={"config": to_dict(run_config)})
     run = evaluate.load_run(path)
     assert all(torch.equal(b.mixer.series_gate, torch.ones(16)) for b in run.model.blocks)
     tokens = torch.randint(0, 16, (2, 20))
     torch.testing.assert_close(run.model(tokens)[0], TitansLM.forward(model, tokens)[0], rtol=0, atol=0)
+    fresh = TitansLM(run_config.model)
+    optimizer = torch.optim.AdamW(fresh.parameters())
+    with pytest.raises(CheckpointError, match="series_gate and 1 more parameters, so its optimizer state cannot resume"):
+        load_checkpoint(path, fresh, optimizer, restore_rng=False)
 
 
 def test_load_run_needs_a_training_checkpoint(tmp_path):

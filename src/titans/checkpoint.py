@@ -399,13 +399,16 @@ def _read_tensors(ckpt: Path, filename: str, meta: dict) -> dict[str, torch.Tens
         raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
 
 
-def upgrade_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def upgrade_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Bring a model state saved by an older release to ``model``'s names, in place: every submodule with an
-    ``upgrade_state_dict(state, prefix)`` (renamed or added parameters) applies it, as ``load_state_dict`` does."""
+    ``upgrade_state_dict(state, prefix)`` (renamed or added parameters) applies it, as ``load_state_dict`` does.
+    Returns the parameters it added (filled with the values the older release computed with)."""
+    added = []
     for name, module in model.named_modules():
         upgrade = getattr(module, "upgrade_state_dict", None)
         if callable(upgrade):
-            upgrade(state, f"{name}." if name else "")
+            added += upgrade(state, f"{name}." if name else "")
+    return added
 
 
 def check_model_state(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -456,12 +459,16 @@ def load_checkpoint(
                       "RNG and extra state) is unprotected; checkpoints saved from it will carry one", CheckpointWarning,
                       stacklevel=2)
 
+    added = [] if model is None else upgrade_model_state(model, model_state)
     if model is not None:
-        upgrade_model_state(model, model_state)
         check_model_state(ckpt / MODEL_FILE, model, model_state)
     if optimizer is not None:
         if optimizer_state is None:
             raise CheckpointError(f"{ckpt / META_FILE}: no optimizer state saved")
+        if added:
+            raise CheckpointError(f"{ckpt}: written before this release added {added[0]}"
+                                  f"{f' and {len(added) - 1} more parameters' if len(added) > 1 else ''}, so its "
+                                  "optimizer state cannot resume training (`titans eval` still reads it)")
         try:
             optimizer.load_state_dict(optimizer_state)  # validates groups before changing anything
         except (ValueError, KeyError) as exc:

@@ -41,10 +41,13 @@ def series_gate(dim: int, init: float) -> nn.Parameter:
     return nn.Parameter(torch.full((dim,), float(init)))
 
 
-def _fill_series_gate(module: nn.Module, state_dict: dict, prefix: str) -> None:
-    """Checkpoints written before the series gate existed keep loading, and compute what they did: g = 1."""
-    if prefix + "series_gate" not in state_dict:
-        state_dict[prefix + "series_gate"] = torch.ones_like(module.series_gate, device="cpu")
+def _fill_series_gate(module: nn.Module, state_dict: dict, prefix: str) -> list[str]:
+    """Checkpoints written before the series gate existed keep loading, and compute what they did: g = 1. Returns
+    the keys it added."""
+    if prefix + "series_gate" in state_dict:
+        return []
+    state_dict[prefix + "series_gate"] = torch.ones_like(module.series_gate, device="cpu")
+    return [prefix + "series_gate"]
 
 
 def _upgrade_on_load(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
@@ -156,9 +159,9 @@ class MALMixer(nn.Module):
         self.series_gate = series_gate(memory.dim, series_gate_init)
         self.register_load_state_dict_pre_hook(_upgrade_on_load)
 
-    def upgrade_state_dict(self, state_dict: dict, prefix: str = "") -> None:
-        """Bring a state dict of an older release to this mixer's names, in place."""
-        _fill_series_gate(self, state_dict, prefix)
+    def upgrade_state_dict(self, state_dict: dict, prefix: str = "") -> list[str]:
+        """Bring a state dict of an older release to this mixer's names, in place; returns the keys it added."""
+        return _fill_series_gate(self, state_dict, prefix)
 
     def _read(self, m: Tensor) -> Tensor:
         """g * M(x~), the memory output as the attention reads it."""
@@ -222,14 +225,14 @@ class MACMixer(nn.Module):
         self.series_gate = series_gate(dim, series_gate_init)
         self.register_load_state_dict_pre_hook(_upgrade_on_load)
 
-    def upgrade_state_dict(self, state_dict: dict, prefix: str = "") -> None:
-        """Bring a state dict of an older release to this mixer's names, in place: before MAC attended through
-        `CausalSelfAttention`, its `query`, `key`, `value`, `out` and `persistent` sat at the mixer level; before the
-        series gate, g was 1."""
+    def upgrade_state_dict(self, state_dict: dict, prefix: str = "") -> list[str]:
+        """Bring a state dict of an older release to this mixer's names, in place, and return the keys it added:
+        before MAC attended through `CausalSelfAttention`, its `query`, `key`, `value`, `out` and `persistent` sat at
+        the mixer level; before the series gate, g was 1."""
         for name in ("query.weight", "key.weight", "value.weight", "out.weight", "persistent"):
             if prefix + name in state_dict:
                 state_dict[prefix + "attention." + name] = state_dict.pop(prefix + name)
-        _fill_series_gate(self, state_dict, prefix)
+        return _fill_series_gate(self, state_dict, prefix)
 
     def _segment_piece(self, x: Tensor, state: MACState, store=None) -> tuple[Tensor, MACState]:
         """Tokens x (B, n, dim) that continue the current segment (state.filled + n <= segment_len). store: how the
