@@ -287,8 +287,7 @@ def mac_reference(mixer, config, x: Tensor) -> Tensor:
         h = M*_{t-1}(q)        read with the segment's queries (the read path's own convolution, over x) from the
                                memory as it was at the segment start: M_0 after storing every earlier z;
         y = Attn([p] || h || S);
-        M_t = M_{t-1} after storing z = RMSNorm(S + g * y) (g: the series gate; the RMSNorm has no weight; the
-                               store path runs over the sequence of z);
+        M_t = M_{t-1} after storing z = RMSNorm(S + y) (no weight; the store path runs over the sequence of z);
         o = RMSNorm_m(M*_t(z)) * sigmoid(RMSNorm_y(y))    token i's read of M*_t(z_i) sees the memory after z_i.
     """
     memory, batch, length = mixer.memory, x.shape[0], x.shape[1]
@@ -301,7 +300,7 @@ def mac_reference(mixer, config, x: Tensor) -> Tensor:
         end = start + segment.shape[1]
         h = _memory_output(memory, config, _mlp(memory, weights, read_q[:, start:end]), segment)
         y = _mac_attention(mixer, config, segment, h)
-        stored.append(rms_norm(segment + mixer.series_gate * y, 1.0))
+        stored.append(rms_norm(segment + y, 1.0))
         m, weights = memory_reference(memory, config, torch.cat(stored, 1))  # store every z so far from M_0
         m = m[:, start:end]
         outputs.append(rms_norm(m, g.norm_memory.weight, g.norm_memory.eps)

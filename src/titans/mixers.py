@@ -33,23 +33,6 @@ class MemoryGate(nn.Module):
         return self.norm_memory(m) * torch.sigmoid(self.norm_attention(y))
 
 
-def series_gate(dim: int, init: float) -> nn.Parameter:
-    """g of MAC and MAL: the learned per-channel weight of what one layer passes on to the next in series (MAC: the
-    attention output into the memory; MAL: the memory output into the attention), starting at `init`. Started at 1
-    (the paper's series form), both hybrids sat on a unigram plateau in language modelling for hundreds of steps;
-    started at 0 they learn like `lmm` and `mag`, and recall better on MQAR (docs/memory.md)."""
-    return nn.Parameter(torch.full((dim,), float(init)))
-
-
-def _fill_series_gate(module: nn.Module, state_dict: dict, prefix: str) -> list[str]:
-    """Checkpoints written before the series gate existed keep loading, and compute what they did: g = 1. Returns
-    the keys it added."""
-    if prefix + "series_gate" in state_dict:
-        return []
-    state_dict[prefix + "series_gate"] = torch.ones_like(module.series_gate, device="cpu")
-    return [prefix + "series_gate"]
-
-
 def _upgrade_on_load(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
     """load_state_dict pre-hook: the module's `upgrade_state_dict` (checkpoint loading calls it before its key check)."""
     module.upgrade_state_dict(state_dict, prefix)
@@ -156,12 +139,18 @@ class MALMixer(nn.Module):
         self.attention, self.memory = attention, memory
         self.persistent = persistent_tokens(num_persistent, memory.dim)
         self.attention_trains_memory = attention_trains_memory
-        self.series_gate = series_gate(memory.dim, series_gate_init)
+        # g of Eq. 30 as we read it, y = x~ + g * M(x~): learned per channel from series_gate_init. From g = 1 (the
+        # paper's form) MAL sat on a unigram plateau in language modelling for hundreds of steps (docs/memory.md)
+        self.series_gate = nn.Parameter(torch.full((memory.dim,), float(series_gate_init)))
         self.register_load_state_dict_pre_hook(_upgrade_on_load)
 
     def upgrade_state_dict(self, state_dict: dict, prefix: str = "") -> list[str]:
-        """Bring a state dict of an older release to this mixer's names, in place; returns the keys it added."""
-        return _fill_series_gate(self, state_dict, prefix)
+        """Bring a state dict of an older release to this mixer's names, in place, and return the keys it added: a
+        checkpoint written before the series gate computes what it did, g = 1."""
+        if prefix + "series_gate" in state_dict:
+            return []
+        state_dict[prefix + "series_gate"] = torch.ones_like(self.series_gate, device="cpu")
+        return [prefix + "series_gate"]
 
     def _read(self, m: Tensor) -> Tensor:
         """g * M(x~), the memory output as the attention reads it."""
@@ -206,7 +195,7 @@ class MACState:
 class MACMixer(nn.Module):
     """Memory as a Context (Section 4.1, Fig. 2). The sequence is split into segments S of `segment_len` tokens; for
     each one:  h = M*_{t-1}(q) read with the segment's queries;  y = Attn([p] || h || S) on the segment's positions;
-    z = RMSNorm(S + g * y);  M_t = M_{t-1}.store(z);  o = M*_t(z) (x) y, with g the learned `series_gate`.
+    z = RMSNorm(S + y);  M_t = M_{t-1}.store(z);  o = M*_t(z) (x) y.
     The memory stores and reads the residual stream after attention (every block has residuals, Section 4.4),
     pre-normed like every layer's input, and carries the output's content (`MemoryGate`). As Eqs. 24-25 write it
     (store y, attention as the content) the memory went unused: MQAR answers beyond the segment 10% (docs/memory.md).
@@ -214,7 +203,7 @@ class MACMixer(nn.Module):
     derives from x_j, so seeing later h's would leak the future). Token i's memory read M*(z_i) sees M after z_i."""
 
     def __init__(self, dim: int, heads: int, segment_len: int, memory: NeuralMemory, num_persistent: int,
-                 rope: bool = True, series_gate_init: float = 0.0):
+                 rope: bool = True):
         super().__init__()
         if segment_len < 1:
             raise ValueError(f"segment_len must be >= 1, got {segment_len}")
@@ -222,17 +211,15 @@ class MACMixer(nn.Module):
         self.memory = memory
         self.attention = CausalSelfAttention(dim, heads, num_persistent=num_persistent, rope=rope)
         self.gate = MemoryGate(dim)
-        self.series_gate = series_gate(dim, series_gate_init)
         self.register_load_state_dict_pre_hook(_upgrade_on_load)
 
     def upgrade_state_dict(self, state_dict: dict, prefix: str = "") -> list[str]:
-        """Bring a state dict of an older release to this mixer's names, in place, and return the keys it added:
-        before MAC attended through `CausalSelfAttention`, its `query`, `key`, `value`, `out` and `persistent` sat at
-        the mixer level; before the series gate, g was 1."""
+        """Bring a state dict of an older release to this mixer's names, in place (none added): before MAC attended
+        through `CausalSelfAttention`, its `query`, `key`, `value`, `out` and `persistent` sat at the mixer level."""
         for name in ("query.weight", "key.weight", "value.weight", "out.weight", "persistent"):
             if prefix + name in state_dict:
                 state_dict[prefix + "attention." + name] = state_dict.pop(prefix + name)
-        return _fill_series_gate(self, state_dict, prefix)
+        return []
 
     def _segment_piece(self, x: Tensor, state: MACState, store=None) -> tuple[Tensor, MACState]:
         """Tokens x (B, n, dim) that continue the current segment (state.filled + n <= segment_len). store: how the
@@ -248,7 +235,7 @@ class MACMixer(nn.Module):
         filled = start + x.shape[1]
         causal = torch.arange(filled, device=x.device)[None, :] <= torch.arange(start, filled, device=x.device)[:, None]
         y = attention.attend(q, keys.flatten(2, 3), values.flatten(2, 3), torch.cat([causal, causal], dim=1))
-        z = F.rms_norm(x + self.series_gate.to(y.dtype) * y, (self.dim,))  # the residual stream after attention
+        z = F.rms_norm(x + y, (self.dim,))  # the residual stream after attention, pre-normed
         m, memory_state = (store or self.memory)(z, NeuralMemoryState(state.memory.memory, reader.conv))
         state = MACState(memory_state, state.segment_memory, keys, values)
         if filled == self.segment_len:  # segment complete: the next one reads the memory as it is now

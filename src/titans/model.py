@@ -70,9 +70,8 @@ class TitansConfig:
     max_grad_norm: float | None = 100.0  # per-token surprise clipping (not in the paper): a divergence guard; null: off
     learn_initial_memory: bool = True  # M_0 (zero last layer) learned by the outer loop, or fixed
     attention_trains_memory: bool = False  # MAL: the attention's gradient reaches the memory output it reads
-    # MAC and MAL chain attention and memory in series: MAC's memory stores RMSNorm(S + g * y), MAL's attention reads
-    # x~ + g * M(x~), with g a learned per-channel weight starting here. 1.0: the paper's series form from the start,
-    # which held both on a unigram plateau in language modelling (docs/memory.md)
+    # MAL: its attention reads x~ + g * M(x~), g a learned per-channel weight starting here; 1.0 is the paper's series
+    # form from the first step, which held MAL on a unigram plateau in language modelling (docs/memory.md)
     series_gate_init: float = 0.0
 
     def __post_init__(self) -> None:
@@ -166,8 +165,7 @@ def build_mixer(config: TitansConfig) -> nn.Module:
     if c.variant == "mal":
         return MALMixer(attention(c.window, 0), _memory(c), c.num_persistent,
                         attention_trains_memory=c.attention_trains_memory, series_gate_init=c.series_gate_init)
-    return MACMixer(c.dim, c.heads, c.segment_len, _memory(c), c.num_persistent, rope=c.rope,
-                    series_gate_init=c.series_gate_init)
+    return MACMixer(c.dim, c.heads, c.segment_len, _memory(c), c.num_persistent, rope=c.rope)
 
 
 @dataclass
