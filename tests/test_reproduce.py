@@ -51,6 +51,9 @@ def test_full_plan_is_budgeted_for_about_three_hours_on_two_cores():
     assert len({j.tokens for j in lm}) == 1  # an equal token budget
     assert len({j.key for j in plan}) == len({json.dumps(j.spec, sort_keys=True) for j in plan}) == len(plan)
     assert [j.name for j in plan if j.stage == "mqar"] == ["seed0", "seed1", "seed2"]
+    seeds = [j for j in plan if j.stage == "seeds"]
+    assert [j.name for j in seeds] == ["lmm-seed1", "mac-seed1", "mag-seed1", "mal-seed1"]
+    assert all(j.spec["set"]["train.seed"] == 1 and j.tokens == lm[0].tokens for j in seeds)
     table = reproduce.budget_table(plan)
     assert "| all | %d |" % len(plan) in table and "| lm | mac | mac | 1,024,000 |" in table
     quick = reproduce.build_plan(quick=True)
@@ -61,7 +64,7 @@ def test_resume_reuses_stored_jobs_and_report_marks_pending(tmp_path, monkeypatc
     out, report, calls = tmp_path / "out", tmp_path / "report.md", []
     write_report = reproduce.write_report
     monkeypatch.setattr(reproduce, "_figures", lambda *a, **k: None)  # the first reports without their plots
-    stages = ["lm", "ablations", "depth", "niah", "babilong"]
+    stages = ["lm", "ablations", "depth", "seeds", "niah", "babilong"]
     reproduce.run_reproduce(out, quick=True, stages=stages, report=report, say=lambda s: None,
                             runner=fake_runner(calls, fail={"mag"}))
     first = len(calls)
@@ -88,6 +91,7 @@ def test_resume_reuses_stored_jobs_and_report_marks_pending(tmp_path, monkeypatc
                     "## The plan and its budget", "## Exact configs"):
         assert any(line.startswith(heading) or heading in line for line in text.splitlines()), heading
     assert "| mac (full) |" in text and "| lmm w/o conv |" in text and "Ordering by the perplexity" in text
+    assert "## Seed spread" in text and "| mac | 2.92 | 2.92 | 2.92 | 1.00x |" in text  # the fake runner ignores seeds
     for png in ("lm_loss_curves", "lm_ppl_by_position", "depth", "niah", "babilong"):
         assert (tmp_path / "report" / f"{png}.png").stat().st_size > 1000
     assert "results.md" not in [p.name for p in tmp_path.glob("docs/*")]
@@ -100,6 +104,13 @@ def test_out_with_another_plan_is_refused_unless_force(tmp_path):
     reproduce.check_out(out, quick, quick=True, force=False)  # the same plan: resume
     with pytest.raises(ValueError, match="another plan"):
         reproduce.check_out(out, full, quick=False, force=False)
+    fewer = [j for j in quick if j.stage != "seeds"]
+    extended = tmp_path / "extended"
+    reproduce.check_out(extended, fewer, quick=True, force=False)
+    reproduce.check_out(extended, quick, quick=True, force=False)  # a new stage's jobs extend the stored plan
+    changed = [reproduce.dataclasses.replace(j, spec={**j.spec, "x": 1}) if j.key == "lm/mac" else j for j in quick]
+    with pytest.raises(ValueError, match="jobs differ: lm/mac"):
+        reproduce.check_out(extended, changed, quick=True, force=False)
     reproduce.check_out(out, full, quick=False, force=True)
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -44,9 +44,10 @@ __all__ = ["STAGES", "Job", "build_plan", "budget_table", "run_reproduce", "writ
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FORMAT_VERSION = 1
-STAGES = ("lm", "mqar", "ablations", "depth", "niah", "babilong")
+STAGES = ("lm", "mqar", "ablations", "depth", "seeds", "niah", "babilong")
 LM_VARIANTS = ("transformer", "swa", "deltanet", "gated_deltanet", "ttt", "lmm", "mac", "mag", "mal")
 HYBRIDS = ("mac", "mag", "mal")
+TITANS_LM = ("lmm", *HYBRIDS)  # the seeds stage's variants
 # the order jobs start in: the attention baselines, the memory alone and a hybrid first, then the cheap recurrent
 # baselines, then the slowest models, so that an interrupted plan has as many comparisons as its time allowed
 RUN_ORDER = ("transformer", "swa", "lmm", "mag", "deltanet", "gated_deltanet", "mac", "mal", "ttt")
@@ -109,6 +110,7 @@ class Budget:
     lm_eval_every: int
     eval_tokens: int  # validation tokens scored at the training length, and at 4x the length
     lm_variants: tuple[str, ...]
+    lm_seeds: tuple[int, ...]  # further seeds of the Titans variants' language models (the seeds stage)
     mqar_seeds: tuple[int, ...]
     mqar_args: tuple[str, ...]
     depths: tuple[int, ...]
@@ -123,12 +125,12 @@ class Budget:
 
 
 FULL = Budget(lm_steps=500, lm_batch=8, lm_seq_len=256, lm_warmup=50, lm_eval_every=50, eval_tokens=131_072,
-              lm_variants=LM_VARIANTS, mqar_seeds=(0, 1, 2), mqar_args=(), depths=(1, 2, 3, 4),
+              lm_variants=LM_VARIANTS, lm_seeds=(1,), mqar_seeds=(0, 1, 2), mqar_args=(), depths=(1, 2, 3, 4),
               niah_variants=LM_VARIANTS, niah_lengths=(1024, 2048, 4096, 8192), niah_depths=(0.0, 0.5, 1.0),
               niah_samples=4, babilong_variants=("transformer", "swa", "lmm", "mac", "mag", "mal"),
               babilong_lengths=(256, 512, 1024, 2048), babilong_samples=8, eval_cpu_s=60.0)
 QUICK = Budget(lm_steps=4, lm_batch=2, lm_seq_len=64, lm_warmup=1, lm_eval_every=2, eval_tokens=512,
-               lm_variants=("transformer", "lmm", "mac", "mag"), mqar_seeds=(0, 1),
+               lm_variants=("transformer", "lmm", "mac", "mag"), lm_seeds=(1,), mqar_seeds=(0, 1),
                mqar_args=("--quick",), depths=(1, 2, 3), niah_variants=("transformer", "lmm"),
                niah_lengths=(640,), niah_depths=(0.0, 1.0), niah_samples=1,
                babilong_variants=("transformer", "lmm"), babilong_lengths=(128,), babilong_samples=2,
@@ -181,6 +183,9 @@ def build_plan(quick: bool = False) -> list[Job]:
         if depth not in (1, 2):  # 2 is the default (the lm stage's lmm), 1 the linear-memory ablation
             jobs.append(_train_job("depth", f"lmm-depth{depth}", b, "lmm", {"model.memory_depth": depth},
                                    f"lmm, memory depth {depth}"))
+    for seed in b.lm_seeds:  # MAC's plateau escape hangs on the seed (docs/memory.md): one seed decides nothing
+        jobs += [_train_job("seeds", f"{v}-seed{seed}", b, v, label=f"{v}, seed {seed}", seed=seed)
+                 for v in TITANS_LM if v in b.lm_variants]
     for v in b.niah_variants:
         spec = {"run": f"lm/{v}", "tasks": list(NIAH_TASKS), "lengths": list(b.niah_lengths),
                 "depths": list(b.niah_depths), "samples": b.niah_samples, "generate_tokens": 0}
@@ -252,14 +257,17 @@ def load_results(out: Path, jobs: Sequence[Job]) -> dict[str, dict]:
 
 
 def check_out(out: Path, jobs: Sequence[Job], quick: bool, force: bool) -> None:
-    """Refuse an --out that holds another plan (or files not ours) unless ``force``; then record this plan."""
+    """Refuse an --out that holds another plan (or files not ours) unless ``force``; then record this plan. A plan
+    that only adds jobs to the stored one (a new stage) extends it."""
     plan = {"format_version": FORMAT_VERSION, "quick": quick, "jobs": {j.key: j.spec for j in jobs}}
     path = out / "plan.json"
     old = read_json(path) if path.exists() else None
     if old is None and out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"{out} is not empty and holds no plan.json of titans reproduce; choose another --out or "
                          f"pass --force (nothing is deleted)")
-    if old is not None and old != plan and not force:
+    extends = old is not None and old.get("quick") == quick and old.get("format_version") == FORMAT_VERSION and all(
+        plan["jobs"].get(k) == spec for k, spec in old.get("jobs", {}).items())  # jobs added, none changed
+    if old is not None and old != plan and not extends and not force:
         changed = sorted(k for k in set(plan["jobs"]) | set(old.get("jobs", {}))
                          if plan["jobs"].get(k) != old.get("jobs", {}).get(k))
         what = "--quick differs" if old.get("quick") != quick else f"jobs differ: {', '.join(changed[:6])}"
@@ -581,6 +589,7 @@ def write_report(out: Path, plan: Sequence[Job], report: Path, quick: bool = Fal
             "mqar": "associative recall (MQAR), every variant, 3 seeds",
             "ablations": "lmm and the best hybrid without each component (Table 5)",
             "depth": "memory depth 1-4: perplexity and throughput (Figs. 7-8)",
+            "seeds": "language modelling of lmm, mac, mag, mal with a further seed: the seed spread",
             "niah": "S-NIAH-1/2/3 by length and depth (Table 2)",
             "babilong": "BABILong qa1-qa5 by length (Fig. 6)"}
     for stage in STAGES:
@@ -596,6 +605,7 @@ def write_report(out: Path, plan: Sequence[Job], report: Path, quick: bool = Fal
     lines += _mqar_section(mqar_runs, mqar_cfg, mqar_partial, fig_dir, rel)
     lines += _ablation_section(stored, plan, lm)
     lines += _depth_section(stored, plan, lm, fig_dir, rel)
+    lines += _seeds_section(stored, plan, lm)
     lines += _niah_section(stored, plan, fig_dir, rel)
     lines += _babilong_section(stored, plan, fig_dir, rel)
     lines += _discussion(lm, stored, plan, mqar_runs, mqar_cfg)
@@ -738,6 +748,26 @@ def _mqar_section(runs: list[dict], cfg: dict | None, partial: bool, fig_dir: Pa
     lines += [("Partial: " if partial else "") + "runs stored per variant (seeds): "
               + ", ".join(f"{v} {s}" for v, s in per_variant.items()) + ". With several seeds a cell is the mean "
               "and the (min-max) spread.", "", body.strip(), "", f"![MQAR]({rel(fig_dir / 'mqar.png')})"]
+    return lines
+
+
+def _seeds_section(stored, plan, lm) -> list[str]:
+    lines = ["", "## Seed spread of the Titans variants' language models", ""]
+    jobs = [j for j in plan if j.stage == "seeds"]
+    if not any(j.key in stored for j in jobs):
+        return lines + ["Pending: " + ", ".join(j.label for j in jobs) + " (the lm stage's runs are seed 0)."]
+    seeds = sorted({j.spec["set"]["train.seed"] for j in jobs})
+    lines += ["The lm stage's budget and configs with other seeds (seed 0: the lm stage's run). Validation perplexity:",
+              "", "| variant | seed 0 | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max / min) |",
+              "| --- | ---: | " + " | ".join("---:" for _ in seeds) + " | ---: | ---: |"]
+    for v in (v for v in TITANS_LM if any(j.label.startswith(f"{v},") for j in jobs)):
+        runs = {0: lm.get(v)} | {j.spec["set"]["train.seed"]: stored[j.key]["result"] for j in jobs
+                                 if j.label.startswith(f"{v},") and j.key in stored}
+        ppl = {s: r["eval"]["perplexity"] for s, r in runs.items() if r is not None}
+        cells = [f"{ppl[s]:.2f}" if s in ppl else "pending" for s in (0, *seeds)]
+        summary = (f"{sum(ppl.values()) / len(ppl):.2f} | {max(ppl.values()) / min(ppl.values()):.2f}x"
+                   if len(ppl) > 1 else "| ")
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {summary} |")
     return lines
 
 
