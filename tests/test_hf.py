@@ -73,6 +73,27 @@ def test_missing_weights_are_refused(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+def test_an_export_written_before_the_series_gate_loads_as_it_computed(tmp_path):
+    """A MAL directory saved without `series_gate` (weights and config key): from_pretrained fills g = 1 (the form it
+    was trained with) instead of refusing it, and computes the same logits."""
+    import json
+
+    import safetensors.torch
+
+    model = tiny("mal", series_gate_init=1.0)
+    model.save_pretrained(tmp_path)
+    weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    weights = {k: v for k, v in weights.items() if not k.endswith("series_gate")}
+    safetensors.torch.save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["series_gate_init"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(b.mixer.series_gate, torch.ones(b.mixer.memory.dim)) for b in loaded.model.blocks)
+    x = tokens(2, 20)
+    assert torch.equal(model(x).logits, loaded(x).logits)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_greedy_decoding_equals_recomputation(variant, monkeypatch):
     model, prompt = tiny(variant), tokens(2, 13)  # 13 + 12 tokens cross chunk (8) and segment / window (16) ends

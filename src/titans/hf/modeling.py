@@ -8,6 +8,7 @@ from transformers.generation.utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import can_return_tuple
 
+from titans.checkpoint import upgrade_model_state
 from titans.hf.cache import TitansCache
 from titans.hf.configuration import TitansHFConfig
 from titans.model import TitansLM
@@ -37,10 +38,18 @@ class TitansForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """transformers' from_pretrained, refusing a checkpoint that lacks weights or has weights of other shapes
-        (transformers would initialise them, and only `TitansLM` knows how)."""
+        (transformers would initialise them, and only `TitansLM` knows how). Weights an older release did not have
+        get the values it computed with (`upgrade_model_state`: MAL's series gate, g = 1)."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         lacking = sorted(info["missing_keys"] | {key for key, *_ in info["mismatched_keys"]})
+        if lacking and not info["mismatched_keys"]:
+            prefix = cls.base_model_prefix + "."
+            state = {k: v for k, v in model.model.state_dict().items() if prefix + k not in lacking}
+            filled = upgrade_model_state(model.model, state)
+            with torch.no_grad():
+                model.model.load_state_dict({k: state[k] for k in filled}, strict=False)
+            lacking = [k for k in lacking if k.removeprefix(prefix) not in filled]
         if lacking:
             raise ValueError(f"the checkpoint lacks weights of this model or holds them in other shapes "
                              f"({len(lacking)}: {', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''})")
