@@ -557,8 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("reproduce", "the paper's comparisons at small scale: train, evaluate, write docs/results.md",
                 "Run the plan of stages (lm: every variant at equal parameters and tokens; mqar: the MQAR grid, 3 "
-                "seeds; ablations: Table 5; depth: memory depth 1-4; seeds: lmm, mac, mag, mal with a further seed; niah: "
-                "S-NIAH 1/2/3 grids; babilong: qa1-qa5 "
+                "seeds; ablations: Table 5; depth: memory depth 1-4; seeds: lmm, mac, mag, mal with a further "
+                "seed; niah: S-NIAH 1/2/3 grids; babilong: qa1-qa5 "
                 "by length) into OUT, storing every job's result as it finishes: run it again to resume. Then "
                 "write the report (docs/results.md; with --quick OUT/results.md) from the stored results.")
     p.add_argument("--stages", nargs="+", metavar="STAGE",

@@ -34,7 +34,8 @@ class MemoryGate(nn.Module):
 
 
 def _upgrade_on_load(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
-    """load_state_dict pre-hook: the module's `upgrade_state_dict` (checkpoint loading calls it before its key check)."""
+    """load_state_dict pre-hook: the module's `upgrade_state_dict` (checkpoint loading calls it before checking
+    keys)."""
     module.upgrade_state_dict(state_dict, prefix)
 
 

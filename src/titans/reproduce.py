@@ -760,9 +760,9 @@ def _seeds_section(stored, plan, lm) -> list[str]:
     lines += ["The lm stage's budget and configs with other seeds (seed 0: the lm stage's run). Validation perplexity:",
               "", "| variant | seed 0 | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread (max / min) |",
               "| --- | ---: | " + " | ".join("---:" for _ in seeds) + " | ---: | ---: |"]
-    for v in (v for v in TITANS_LM if any(j.label.startswith(f"{v},") for j in jobs)):
+    for v in (v for v in TITANS_LM if any(j.spec["variant"] == v for j in jobs)):
         runs = {0: lm.get(v)} | {j.spec["set"]["train.seed"]: stored[j.key]["result"] for j in jobs
-                                 if j.label.startswith(f"{v},") and j.key in stored}
+                                 if j.spec["variant"] == v and j.key in stored}
         ppl = {s: r["eval"]["perplexity"] for s, r in runs.items() if r is not None}
         cells = [f"{ppl[s]:.2f}" if s in ppl else "pending" for s in (0, *seeds)]
         summary = (f"{sum(ppl.values()) / len(ppl):.2f} | {max(ppl.values()) / min(ppl.values()):.2f}x"
