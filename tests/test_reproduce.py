@@ -20,7 +20,8 @@ def fake_runner(calls: list, fail: set | None = None):
         if kind == "train_lm":
             depth = spec["set"].get("model.memory_depth", 2)
             off = sum(bool(v is False) for v in spec["set"].values()) + (depth == 1)
-            loss = 1.0 + 0.1 * off + 0.01 * len(spec["variant"]) + 0.02 * depth
+            loss = (1.0 + 0.1 * off + 0.01 * len(spec["variant"]) + 0.02 * depth
+                    + 0.001 * (ord(spec["variant"][-1]) - ord("a")) + 0.01 * spec["set"]["train.seed"])
             losses = [loss + 0.2 * math.exp(-i / 50) for i in range(4 * spec["eval"]["seq_len"])]
             return {"variant": spec["variant"], "run_dir": run_dir, "params": 1_500_000 + depth, "tokens": 512,
                     "steps": 4, "tokens_per_s": 1000.0 / depth, "train_s": 2.0,
@@ -91,7 +92,7 @@ def test_resume_reuses_stored_jobs_and_report_marks_pending(tmp_path, monkeypatc
                     "## The plan and its budget", "## Exact configs"):
         assert any(line.startswith(heading) or heading in line for line in text.splitlines()), heading
     assert "| mac (full) |" in text and "| lmm w/o conv |" in text and "Ordering by the perplexity" in text
-    assert "## Seed spread" in text and "| mac | 2.92 | 2.92 | 2.92 | 1.00x |" in text  # the fake runner ignores seeds
+    assert "## Seed spread" in text and "| mac | 2.92 | 2.95 | 2.94 | 1.01x |" in text
     for png in ("lm_loss_curves", "lm_ppl_by_position", "depth", "niah", "babilong"):
         assert (tmp_path / "report" / f"{png}.png").stat().st_size > 1000
     assert "results.md" not in [p.name for p in tmp_path.glob("docs/*")]
