@@ -88,6 +88,8 @@ class NeuralMemory(nn.Module):
             the number of chunks (`titans.ops.memory_scan.auto_checkpoint_chunks`: about sqrt(n_chunks) below chunk
             size 16, off from 16 up), so that small chunks train in about the memory of large ones (live tensors;
             glibc < 2.38's allocator keeps more resident: benchmarks/NOTES.md).
+        compile_chunks: run the memory op's chunk step through torch.compile (`memory_scan`): faster training and
+            prefill after a one-off compilation; decoding (`step`) stays eager.
     """
 
     def __init__(self, dim: int, memory_heads: int = 4, head_dim: int | None = None, memory_depth: int = 2,
@@ -96,7 +98,8 @@ class NeuralMemory(nn.Module):
                  memory_conv: bool = True,
                  conv_kernel: int = 4, max_lr: float = 0.5, init_lr: float = 0.25, init_momentum: float = 0.1,
                  init_decay: float = 1e-4, max_grad_norm: float | None = 100.0, normalize_chunk_lr: bool = True,
-                 learn_initial_memory: bool = True, checkpoint_chunks: int | str = "auto"):
+                 learn_initial_memory: bool = True, checkpoint_chunks: int | str = "auto",
+                 compile_chunks: bool = False):
         super().__init__()
         if dim < 1 or memory_heads < 1:
             raise ValueError(f"dim and memory_heads must be positive, got dim={dim}, memory_heads={memory_heads}")
@@ -113,7 +116,7 @@ class NeuralMemory(nn.Module):
         checkpoint_group(checkpoint_chunks, chunk_size, 1)  # refuses anything but "auto" and integers >= 0
         self.dim, self.heads, self.head_dim, self.chunk_size = dim, memory_heads, head_dim, chunk_size
         self.max_lr, self.max_grad_norm, self.checkpoint_chunks = max_lr, max_grad_norm, checkpoint_chunks
-        self.normalize_chunk_lr = normalize_chunk_lr
+        self.normalize_chunk_lr, self.compile_chunks = normalize_chunk_lr, compile_chunks
         self.memory = MLPMemory(dim=head_dim, depth=memory_depth, hidden=max(1, round(head_dim * memory_expansion)),
                                 activation=memory_activation, residual=memory_residual)
         inner = memory_heads * head_dim
@@ -222,7 +225,7 @@ class NeuralMemory(nn.Module):
                 retrieved, state.memory = memory_scan(
                     self.memory, state.memory.weights, k, v, q, lr, momentum, decay, self.chunk_size,
                     state=state.memory, max_grad_norm=self.max_grad_norm, normalize_chunk_lr=self.normalize_chunk_lr,
-                    checkpoint_chunks=self.checkpoint_chunks)
+                    checkpoint_chunks=self.checkpoint_chunks, compile_chunks=self.compile_chunks)
         return self._output(retrieved, x), state
 
     def signals(self, x: Tensor, state: NeuralMemoryState | None = None) -> dict[str, Tensor]:

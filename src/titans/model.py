@@ -415,6 +415,12 @@ class TitansModel(nn.Module):
             if isinstance(module, NeuralMemory):
                 module.checkpoint_chunks = int(chunks)
 
+    def set_compile_chunks(self, compile_chunks: bool) -> None:
+        """Run every memory layer's chunk step through torch.compile (`NeuralMemory(compile_chunks=...)`)."""
+        for module in self.modules():
+            if isinstance(module, NeuralMemory):
+                module.compile_chunks = bool(compile_chunks)
+
 
 class TitansLM(TitansModel):
     """Token embedding -> the backbone (`TitansModel`) -> LM head. Its parameters keep the names `embed`, `blocks`,

@@ -142,7 +142,8 @@ class _Trainer:
         if train_cfg.activation_checkpointing:  # the memory recomputes each chunk in the backward pass
             self.model.set_activation_checkpointing(True)
         forward: nn.Module = SegmentLoss(self.model, train_cfg.seq_len // train_cfg.tbptt_segments)
-        if train_cfg.compile:
+        if train_cfg.compile:  # the memory scan is not traced: its chunk step is compiled instead
+            self.model.set_compile_chunks(True)
             forward.model = torch.compile(self.model)  # self.model stays uncompiled: its state_dict keys are saved
         # a carried state holds what M_0 and the persistent tokens gave at the documents' start: no gradient reaches
         # them while the rows continue their documents

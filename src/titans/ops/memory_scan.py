@@ -29,6 +29,7 @@ without the chunk machinery (no padding, no loop; only the new token's row of th
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
@@ -347,22 +348,34 @@ def checkpoint_group(checkpoint_chunks: int | Literal["auto"] | None, chunk_size
     return int(checkpoint_chunks)
 
 
+@functools.cache
+def _compiled_chunk_step() -> Callable:
+    """`_chunk_step` through torch.compile (inductor), built on first use. Every chunk of a scan has the same shapes,
+    so one compiled graph serves them all (and every layer of a model): on CPU about 1.5x faster training of the
+    memory variants after about 45 s of compilation (benchmarks/NOTES.md). A new batch shape or grad mode compiles
+    once more; from the second shape on, torch.compile compiles a dynamic-shape graph."""
+    return torch.compile(_chunk_step)
+
+
 def _chunk_group(memory_fn: MemoryFn, W: Params, S: Params, chunks: list, max_grad_norm: float | None,
-                 normalize_chunk_lr: bool):
+                 normalize_chunk_lr: bool, compile_chunks: bool = False):
     """Consecutive chunks, (keys, values, queries, lr, products, complete) each: their retrievals, W and S after."""
+    step = _compiled_chunk_step() if compile_chunks and isinstance(memory_fn, MLPMemory) else _chunk_step
     outputs = []
     for keys, values, queries, lr, products, complete in chunks:
-        y, W, S = _chunk_step(memory_fn, W, S, keys, values, queries, lr, products, max_grad_norm, complete,
-                              normalize_chunk_lr)
+        y, W, S = step(memory_fn, W, S, keys, values, queries, lr, products, max_grad_norm, complete,
+                       normalize_chunk_lr)
         outputs.append(y)
     return torch.cat(outputs, dim=1), W, S
 
 
+@torch.compiler.disable  # a compiled model graph-breaks here instead of unrolling the chunk loop (see compile_chunks)
 def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tensor, queries: Tensor, lr: Tensor,
                 momentum: Tensor | None, decay: Tensor | None, chunk_size: int,
                 state: MemoryState | None = None, max_grad_norm: float | None = None,
                 normalize_chunk_lr: bool = False,
-                checkpoint_chunks: int | Literal["auto"] | None = "auto") -> tuple[Tensor, MemoryState]:
+                checkpoint_chunks: int | Literal["auto"] | None = "auto",
+                compile_chunks: bool = False) -> tuple[Tensor, MemoryState]:
     """Store (keys, values) into the memory and read it with `queries`, token by token, with chunked gradients.
 
     memory_fn: f(params, x), a pure function of batched params (BH, ...) and inputs (BH, N, d), rows independent; an
@@ -381,6 +394,9 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
         picks the group from the chunk size and the number of chunks (about sqrt(n_chunks) below chunk size
         AUTO_CHECKPOINT_BELOW, off from there on; off on the general path, whose torch.func.grad cannot run under
         checkpointing). Only when something requires grad.
+    compile_chunks: run each chunk through `torch.compile` of the chunk step (`MLPMemory` only; same results up to
+        rounding). The scan itself is never traced by torch.compile: unrolled into one graph, a layer's 16 chunks
+        took 151 s to compile on CPU for no further speed, and a whole small model over 15 minutes.
     Returns the retrievals y_t = f(W_t, q_t) of shape (BH, T, d_v) and the state after the last token.
     """
     _check_inputs(keys, values, queries, lr, momentum, decay, chunk_size)
@@ -424,10 +440,10 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
                   for c in range(first, min(first + group, n_chunks))]
         if checkpointing:
             y, W, S = torch.utils.checkpoint.checkpoint(_chunk_group, memory_fn, W, S, chunks, max_grad_norm,
-                                                        normalize_chunk_lr, use_reentrant=False,
+                                                        normalize_chunk_lr, compile_chunks, use_reentrant=False,
                                                         preserve_rng_state=False)  # the op draws no random numbers
         else:
-            y, W, S = _chunk_group(memory_fn, W, S, chunks, max_grad_norm, normalize_chunk_lr)
+            y, W, S = _chunk_group(memory_fn, W, S, chunks, max_grad_norm, normalize_chunk_lr, compile_chunks)
         outputs.append(y)
 
     retrieved = torch.cat(outputs, dim=1)[:, offset:total]
