@@ -351,9 +351,9 @@ def checkpoint_group(checkpoint_chunks: int | Literal["auto"] | None, chunk_size
 @functools.cache
 def _compiled_chunk_step() -> Callable:
     """`_chunk_step` through torch.compile (inductor), built on first use. Every chunk of a scan has the same shapes,
-    so one compiled graph serves them all (and every layer of a model): on CPU about 1.5x faster training of the
-    memory variants after about 45 s of compilation (benchmarks/NOTES.md). A new batch shape or grad mode compiles
-    once more; from the second shape on, torch.compile compiles a dynamic-shape graph."""
+    so one compiled graph serves them all (and every layer of a model): on CPU 1.6-1.8x faster training of the memory
+    variants; a small model compiles in 1-2 minutes from a cold cache (benchmarks/NOTES.md). A new batch shape or grad
+    mode compiles once more; from the second shape on, torch.compile compiles a dynamic-shape graph."""
     return torch.compile(_chunk_step)
 
 
