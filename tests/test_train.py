@@ -25,6 +25,7 @@ from titans.fileio import save_yaml
 from titans.metrics import read_metrics
 from titans.model import TitansLM
 from titans.ops.memory_scan import _chunk_step, _compiled_chunk_step
+from titans.ops.ttt import _compiled_minibatch, _minibatch
 from titans.train import TrainingError, train
 from titans.typed_yaml import ConfigError, from_dict
 
@@ -183,20 +184,23 @@ def test_activation_checkpointing_gives_the_same_weights(tmp_path, monkeypatch):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_compile_gives_the_same_weights(tmp_path, monkeypatch):
-    """train.compile wraps the model in torch.compile and compiles the memory op's chunk step (the chunk loop itself is
-    not traced). Inductor's code generation is swapped for the aot_eager backend (graph capture and AOT autograd are
-    what this checks; benchmarks/bench_compile.py compares inductor's results)."""
-    train(tiny(train={"steps": 2}), tmp_path / "eager", progress=False)
+@pytest.mark.parametrize("variant, step", [("mac", _chunk_step), ("ttt", _minibatch)])
+def test_compile_gives_the_same_weights(tmp_path, monkeypatch, variant, step):
+    """train.compile wraps the model in torch.compile and compiles the memory op's chunk step (TTT's mini-batch step;
+    the loop over chunks is not traced). Inductor's code generation is swapped for the aot_eager backend (graph capture
+    and AOT autograd are what this checks; benchmarks/bench_compile.py compares inductor's results)."""
+    train(tiny(variant, train={"steps": 2}), tmp_path / "eager", progress=False)
     compiled = []
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or real(fn, backend="aot_eager", **kw))
-    _compiled_chunk_step.cache_clear()
+    for cache in (_compiled_chunk_step, _compiled_minibatch):
+        cache.cache_clear()
     try:
-        train(tiny(train={"steps": 2, "compile": True}), tmp_path / "compiled", progress=False)
+        train(tiny(variant, train={"steps": 2, "compile": True}), tmp_path / "compiled", progress=False)
     finally:
-        _compiled_chunk_step.cache_clear()
-    assert [type(fn).__name__ for fn in compiled] == ["TitansLM", "function"] and compiled[1] is _chunk_step
+        for cache in (_compiled_chunk_step, _compiled_minibatch):
+            cache.cache_clear()
+    assert [type(fn).__name__ for fn in compiled] == ["TitansLM", "function"] and compiled[1] is step
     a, b = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 

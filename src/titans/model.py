@@ -416,9 +416,10 @@ class TitansModel(nn.Module):
                 module.checkpoint_chunks = int(chunks)
 
     def set_compile_chunks(self, compile_chunks: bool) -> None:
-        """Run every memory layer's chunk step through torch.compile (`NeuralMemory(compile_chunks=...)`)."""
+        """Run every memory layer's chunk step (and TTT's mini-batch step) through torch.compile
+        (`NeuralMemory(compile_chunks=...)`, `TTT(compile_chunks=...)`)."""
         for module in self.modules():
-            if isinstance(module, NeuralMemory):
+            if isinstance(module, (NeuralMemory, TTT)):
                 module.compile_chunks = bool(compile_chunks)
 
 

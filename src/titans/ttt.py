@@ -83,12 +83,13 @@ class TTT(nn.Module):
         conv_kernel: 0: separate q, k projections (Transformer backbone); > 0: a shared q/k projection followed by
             a causal depthwise convolution of this width for each (Mamba backbone).
         init_std: std of the normal initialisation of the projections, W_0 and the lr gate.
+        compile_chunks: run each mini-batch of `ttt_scan` through torch.compile (decoding stays eager).
     """
 
     def __init__(self, dim: int, heads: int = 4, head_dim: int | None = None,
                  inner: Literal["linear", "mlp"] = "linear", chunk_size: int = 16, base_lr: float = 1.0,
                  mlp_expansion: int = 4, rope: bool = True, rope_theta: float = 10000.0, gate: bool = True,
-                 conv_kernel: int = 0, init_std: float = 0.02):
+                 conv_kernel: int = 0, init_std: float = 0.02, compile_chunks: bool = False):
         super().__init__()
         head_dim = head_dim if head_dim is not None else dim // max(heads, 1)
         if dim < 1 or heads < 1 or head_dim < 1:
@@ -101,6 +102,7 @@ class TTT(nn.Module):
             raise ValueError(f"rope needs an even head_dim, got {head_dim}")
         self.dim, self.heads, self.head_dim, self.inner = dim, heads, head_dim, inner
         self.chunk_size, self.base_lr, self.rope, self.rope_theta = chunk_size, base_lr, rope, rope_theta
+        self.compile_chunks = compile_chunks
         width = heads * head_dim
         # views theta_Q, theta_K, theta_V (and the Mamba-backbone variant's convolutions)
         self.q_proj = nn.Linear(dim, width, bias=False)
@@ -204,7 +206,7 @@ class TTT(nn.Module):
                 z, state.inner = ttt_step(*ln, q, k, v, lr, self.token_scale(dtype), self.chunk_size, state.inner)
             else:
                 z, state.inner = ttt_scan(state.inner.weights, *ln, q, k, v, lr, self.token_scale(dtype),
-                                          self.chunk_size, state=state.inner)
+                                          self.chunk_size, state=state.inner, compile_chunks=self.compile_chunks)
         t, width = x.shape[1], self.heads * self.head_dim
         y = z.reshape(batch, self.heads, t, self.head_dim).transpose(1, 2).reshape(batch, t, width).to(x.dtype)
         y = self.post_norm(y)

@@ -38,6 +38,7 @@ of the tokens seen since. A sequence fed in pieces of any length gives exactly t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -189,15 +190,23 @@ def _check(params: Params, ln_weight: Tensor, ln_bias: Tensor, queries: Tensor, 
                          f"a state carries on only the batch it was built for")
 
 
+@functools.cache
+def _compiled_minibatch():
+    """`_minibatch` through torch.compile, built on first use (as `memory_scan`'s compiled chunk step)."""
+    return torch.compile(_minibatch)
+
+
+@torch.compiler.disable  # a compiled model graph-breaks here instead of unrolling the mini-batch loop
 def ttt_scan(params: Params, ln_weight: Tensor, ln_bias: Tensor, queries: Tensor, keys: Tensor, values: Tensor,
              lr: Tensor, token_scale: Tensor, mini_batch_size: int = 16, state: TTTInnerState | None = None,
-             eps: float = LN_EPS) -> tuple[Tensor, TTTInnerState]:
+             eps: float = LN_EPS, compile_chunks: bool = False) -> tuple[Tensor, TTTInnerState]:
     """Mini-batch TTT over a sequence (dual form within a mini-batch, a Python loop over mini-batches).
 
     params: the initial inner weights W_0 (used when `state` is None), W1 (BH, d, h), b1 (BH, h) and, for TTT-MLP,
         W2 (BH, h, d), b2 (BH, d). ln_weight, ln_bias: (BH, d), the inner LayerNorm.
     queries, keys, values: the test, train and label views (BH, T, d). lr: inner learning rates (BH, T).
     token_scale: s_i, (mini_batch_size,): row i of a mini-batch uses eta_ij = s_i lr_j.
+    compile_chunks: run each mini-batch through torch.compile of `_minibatch` (same results up to rounding).
     Returns z_t = f(q_t; W_t) (BH, T, d) and the state after the last token.
     """
     _check(params if state is None else state.weights, ln_weight, ln_bias, queries, keys, values, lr, token_scale,
@@ -210,10 +219,11 @@ def ttt_scan(params: Params, ln_weight: Tensor, ln_bias: Tensor, queries: Tensor
         queries = torch.cat([queries.new_zeros(queries.shape[0], offset, queries.shape[2]), queries], 1)
     total, b = keys.shape[1], mini_batch_size
     W, outputs = state.weights, []
+    minibatch = _compiled_minibatch() if compile_chunks else _minibatch
     for start in range(0, total, b):
         n = min(b, total - start)
         piece = slice(start, start + n)
-        out, new = _minibatch(W, queries[:, piece], keys[:, piece], values[:, piece], lr[:, piece],
+        out, new = minibatch(W, queries[:, piece], keys[:, piece], values[:, piece], lr[:, piece],
                               token_scale[:n], ln_weight, ln_bias, eps, end=n == b)
         outputs.append(out)
         W = new if new is not None else W
