@@ -73,7 +73,7 @@ class TrainConfig:
     """auto picks CUDA when available."""
     compile: bool = False
     """Wrap the model in torch.compile, and compile the memory op's chunk step (the chunk loop itself stays eager): on
-    CPU the small preset's variants train 1.3-2x faster after 0.5-8 minutes of compilation (benchmarks/NOTES.md)."""
+    CPU the small preset's variants train 1.3-1.8x faster after 0.5-3 minutes of compilation (benchmarks/NOTES.md)."""
     activation_checkpointing: bool = False
     """true: the memory recomputes every chunk in the backward pass (least memory); false: its automatic choice
     (`NeuralMemory(checkpoint_chunks="auto")`: groups of about sqrt(chunks) below chunk size 16, none above)."""
