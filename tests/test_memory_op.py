@@ -360,18 +360,22 @@ def test_no_automatic_checkpointing_without_gradients_or_on_the_general_path(mon
 
 
 @pytest.mark.parametrize("general", [False, True])
-@pytest.mark.parametrize("depth,chunk,with_momentum,with_decay", [(1, 1, True, True), (2, 5, True, True),
-                                                                  (3, 4, False, True), (2, 8, True, False)])
-def test_single_token_step_equals_the_chunked_scan(depth, chunk, with_momentum, with_decay, general):
-    """memory_step (one token joins the partial chunk and reads its row's closed form) token by token, after a
-    3-token memory_scan, gives the chunked scan's retrievals and state, with clipping and chunk-normalised steps, on the
-    fast path and the general one."""
+@pytest.mark.parametrize("depth,chunk,with_momentum,with_decay,bounded", [
+    (1, 1, True, True, True), (2, 5, True, True, True), (3, 4, False, True, True), (2, 8, True, False, True),
+    (2, 5, True, True, False)])
+def test_single_token_step_equals_the_chunked_scan(depth, chunk, with_momentum, with_decay, bounded, general):
+    """memory_step token by token, after a 3-token memory_scan (a state left mid-chunk), gives the chunked scan's
+    retrievals and state, with and without clipping and chunk-normalised steps, on the fast path (the running W_t and
+    S_t, O(1) per token) and the general one (the row of the closed form); a scan continuing from the stepped state
+    (its running values ignored) stays on the one-call result."""
     memory = MLPMemory(dim=4, depth=depth, hidden=6)
     fn = (lambda p, x: memory(p, x)) if general else memory  # noqa: E731
     params = memory.init_params(3, generator=torch.Generator().manual_seed(2), dtype=F64)
-    inputs = make_inputs(t=21, seed=3, with_momentum=with_momentum, with_decay=with_decay)
-    options = dict(chunk_size=chunk, max_grad_norm=0.5, normalize_chunk_lr=True)
-    y, state = memory_scan(fn, params, *inputs, **options)
+    inputs = make_inputs(t=26, seed=3, with_momentum=with_momentum, with_decay=with_decay)
+    options = dict(chunk_size=chunk, max_grad_norm=0.5 if bounded else None, normalize_chunk_lr=bounded)
+    bounds = (options["max_grad_norm"], bounded)
+    y, state = memory_scan(fn, params, *[None if x is None else x[:, :21] for x in inputs], **options)
+    y_all, state_all = memory_scan(fn, params, *inputs, **options)
     head = [None if x is None else x[:, :3] for x in inputs]
     outs, stepped = [memory_scan(fn, params, *head, **options)[0]], memory_scan(fn, params, *head, **options)[1]
     for t in range(3, 21):
@@ -381,5 +385,10 @@ def test_single_token_step_equals_the_chunked_scan(depth, chunk, with_momentum, 
     assert rel_err(torch.cat(outs, 1), y) < 1e-10
     assert isinstance(stepped, MemoryState) and len(stepped.pending or ()) == len(state.pending or ())
     for name in state.weights:
-        assert rel_err(current_weights(fn, stepped, 0.5, True)[name], current_weights(fn, state, 0.5, True)[name]) \
+        assert rel_err(current_weights(fn, stepped, *bounds)[name], current_weights(fn, state, *bounds)[name]) < 1e-10
+    rest = [None if x is None else x[:, 21:] for x in inputs]
+    y_rest, continued = memory_scan(fn, params, *rest, state=stepped, **options)
+    assert rel_err(y_rest, y_all[:, 21:]) < 1e-10
+    for name in state.weights:
+        assert rel_err(current_weights(fn, continued, *bounds)[name], current_weights(fn, state_all, *bounds)[name]) \
             < 1e-10

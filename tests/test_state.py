@@ -51,6 +51,45 @@ def test_save_load_continue_equals_an_unbroken_stream(tmp_path, tokens, variant)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.safetensors"]
 
 
+@pytest.mark.parametrize("variant", ["lmm", "mac"])
+def test_a_decoding_state_round_trips_with_or_without_its_running_weights(tokens, variant):
+    """A state left mid-chunk by `step` carries the running W_t, S_t (O(1) decoding); packed and unpacked it continues
+    the stream exactly, and so does a file written before those fields existed (they are rebuilt from the pending
+    tokens)."""
+    from titans.state import pack_state, unpack_state
+
+    model = tiny(variant)
+    with torch.no_grad():
+        full, _ = model(tokens)
+        _, state = model(tokens[:, :SPLIT])
+        for t in range(SPLIT, SPLIT + 2):  # two decoded tokens: still mid-chunk (8)
+            _, state = model.step(tokens[:, t:t + 1], state)
+    packed = pack_state(state)
+    structure = json.loads(packed["structure"])
+    running, stripped = ("weights_now", "momentum_now", "unit_inputs"), []
+
+    def strip(node):  # the file as the release before the running weights wrote it
+        if isinstance(node, dict):
+            if node.get("type") == "PendingTokens":
+                assert node["fields"]["weights_now"] is not None
+                node["fields"] = {k: v for k, v in node["fields"].items() if k not in running}
+                stripped.append(node)
+            for value in node.values():
+                strip(value)
+        elif isinstance(node, list):
+            for value in node:
+                strip(value)
+    strip(structure)
+    assert stripped
+    older = {"structure": json.dumps(structure), "tensors": packed["tensors"]}
+    for loaded in (unpack_state(packed), unpack_state(older)):
+        with torch.no_grad():
+            rest, _ = model(tokens[:, SPLIT + 2:], loaded)
+            step, _ = model.step(tokens[:, SPLIT + 2:SPLIT + 3], loaded)
+        torch.testing.assert_close(rest, full[:, SPLIT + 2:], atol=1e-10, rtol=0)
+        torch.testing.assert_close(step, full[:, SPLIT + 2:SPLIT + 3], atol=1e-10, rtol=0)
+
+
 def test_an_empty_state_round_trips(tmp_path, tokens):
     model = tiny("mac")
     _, state = model(tokens[:, :0])

@@ -95,7 +95,8 @@ def _decode(node: Any, tensors_: dict[str, Tensor], where: str) -> Any:
         if cls is None:
             raise ValueError(f"{where}: unknown state type {node['type']!r} in the state file")
         fields = {f.name for f in dataclasses.fields(cls)}
-        if set(node["fields"]) != fields:
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        if not set(node["fields"]) <= fields or fields - optional - set(node["fields"]):  # older files lack optionals
             raise ValueError(f"{where}: a {cls.__name__} with fields {sorted(node['fields'])}, expected "
                              f"{sorted(fields)}")
         return cls(**{k: _decode(v, tensors_, where) for k, v in node["fields"].items()})

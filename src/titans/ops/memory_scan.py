@@ -52,6 +52,12 @@ class PendingTokens:
     lr: Tensor  # (BH, p)
     momentum: Tensor | None
     decay: Tensor | None
+    # Decoding's running values (`memory_step` on an MLPMemory builds them; `memory_scan` ignores them): W_t and S_t
+    # after the last pending token, and each layer's unit inputs at the chunk-start weights (the rows of
+    # `causal_overlap`), keyed by the layer they enter. With them a decoded token costs O(1), not O(pending).
+    weights_now: Params | None = None
+    momentum_now: Params | None = None
+    unit_inputs: Params | None = None
 
     def __len__(self) -> int:
         return self.keys.shape[1]
@@ -72,9 +78,12 @@ class MemoryState:
     def detach(self) -> "MemoryState":
         """The same state cut from the autograd graph (truncated backpropagation through time)."""
         det = lambda t: None if t is None else t.detach()  # noqa: E731
+        det_params = lambda p: None if p is None else {k: v.detach() for k, v in p.items()}  # noqa: E731
         pending = self.pending
         if pending is not None:
-            pending = PendingTokens(*(det(getattr(pending, f)) for f in ("keys", "values", "lr", "momentum", "decay")))
+            pending = PendingTokens(*(det(getattr(pending, f)) for f in ("keys", "values", "lr", "momentum", "decay")),
+                                    *(det_params(getattr(pending, f))
+                                      for f in ("weights_now", "momentum_now", "unit_inputs")))
         return MemoryState({k: v.detach() for k, v in self.weights.items()},
                            {k: v.detach() for k, v in self.momentum.items()}, pending)
 
@@ -194,6 +203,17 @@ def _squared_gradient_norms(inputs, deltas) -> Tensor:
     return sum(d.square().sum(-1) * z.square().sum(-1) for z, d in zip(inputs, deltas))
 
 
+def _scaled_lr(lr: Tensor, inputs, deltas, max_grad_norm: float | None, normalize_chunk_lr: bool,
+               overlap: Tensor | None = None) -> Tensor:
+    """theta_t as the update applies it: divided by the chunk's causal overlap (`overlap`, else computed from the
+    inputs) and scaled by the surprise clip factor."""
+    if normalize_chunk_lr:
+        lr = lr / (causal_overlap(inputs) if overlap is None else overlap)
+    if max_grad_norm is not None:
+        lr = lr * _clip_scale(_squared_gradient_norms(inputs, deltas), max_grad_norm)
+    return lr
+
+
 def _retrieve_in_chunk(memory: MLPMemory, W: Params, S: Params, queries: Tensor, inputs, deltas,
                        co: ChunkCoefficients, with_momentum: bool) -> Tensor:
     """y_i = f(W_i, q_i) for every token i of the chunk, without materialising W_i (dual form)."""
@@ -298,11 +318,7 @@ def _chunk_step(memory_fn: MemoryFn, W: Params, S: Params, keys: Tensor, values:
     (BH, 1, d) is the last token's alone, read with the closed form of its row (a decoding step)."""
     if isinstance(memory_fn, MLPMemory):
         inputs, deltas = _inner_gradient_factors(memory_fn, W, keys, values)
-        if normalize_chunk_lr:
-            lr = lr / causal_overlap(inputs)
-        if max_grad_norm is not None:
-            lr = lr * _clip_scale(_squared_gradient_norms(inputs, deltas), max_grad_norm)
-        co = products.coefficients(lr)
+        co = products.coefficients(_scaled_lr(lr, inputs, deltas, max_grad_norm, normalize_chunk_lr))
         y = _retrieve_in_chunk(memory_fn, W, S, queries, inputs, deltas, co.last_row() if last_only else co,
                                products.eta is not None)
         if complete:
@@ -458,24 +474,73 @@ def memory_scan(memory_fn: MemoryFn, params: Params, keys: Tensor, values: Tenso
 def memory_step(memory_fn: MemoryFn, key: Tensor, value: Tensor, query: Tensor, lr: Tensor, momentum: Tensor | None,
                 decay: Tensor | None, chunk_size: int, state: MemoryState, max_grad_norm: float | None = None,
                 normalize_chunk_lr: bool = False) -> tuple[Tensor, MemoryState]:
-    """`memory_scan` of one token (key, value, query (BH, 1, d); gates (BH, 1)) continuing `state`: the token joins the
-    pending ones and reads W_t with the closed form of its row of the partial chunk, W_t = b_t W_c + c_t S_c -
-    sum_j A_tj G_j (one retrieval, no padding to a whole chunk, no chunk loop); when it completes the chunk, W and S
-    advance. Equal to memory_scan up to rounding (tested)."""
+    """`memory_scan` of one token (key, value, query (BH, 1, d); gates (BH, 1)) continuing `state`, for decoding.
+    On an MLPMemory it costs O(1) in the pending tokens: the token's gradient at the chunk-start weights (Eq. 16)
+    advances the running S_t and W_t that the state carries (`_token_update`, the recurrences the chunk's closed form
+    unrolls) and the token reads W_t directly; no padding, no chunk loop, nothing recomputed for the other pending
+    tokens. Any other memory reads its row of the partial chunk's closed form, W_t = b_t W_c + c_t S_c - sum_j A_tj
+    G_j. When the token completes the chunk, W_t and S_t start the next one. Equal to memory_scan up to rounding."""
     _check_inputs(key, value, query, lr, momentum, decay, chunk_size)
     if key.shape[1] != 1:
         raise ValueError(f"memory_step reads one token, got {key.shape[1]}")
     pending = state.pending
     keys, values = _cat_pending(pending, "keys", key), _cat_pending(pending, "values", value)
-    lr, momentum, decay = (_cat_pending(pending, name, x) for name, x in
-                           (("lr", lr), ("momentum", momentum), ("decay", decay)))
+    lrs, momenta, decays = (_cat_pending(pending, name, x) for name, x in
+                            (("lr", lr), ("momentum", momentum), ("decay", decay)))
     complete = keys.shape[1] == chunk_size
-    y, W, S = _chunk_step(memory_fn, state.weights, state.momentum, keys, values, query, lr,
-                          GateProducts.build(momentum, decay, like=lr), max_grad_norm, complete, normalize_chunk_lr,
-                          last_only=True)
+    if not isinstance(memory_fn, MLPMemory):
+        y, W, S = _chunk_step(memory_fn, state.weights, state.momentum, keys, values, query, lrs,
+                              GateProducts.build(momenta, decays, like=lrs), max_grad_norm, complete,
+                              normalize_chunk_lr, last_only=True)
+        return y, MemoryState(W, S) if complete else MemoryState(W, S, PendingTokens(keys, values, lrs, momenta, decays))
+    W_now, S_now, units = _running_values(memory_fn, state, max_grad_norm, normalize_chunk_lr)
+    inputs, deltas = _inner_gradient_factors(memory_fn, state.weights, key, value)
+    overlap = None
+    if normalize_chunk_lr:  # the token's row of causal_overlap, against the pending tokens' unit inputs
+        new = {name: torch.nn.functional.normalize(z, dim=-1) for name, z in zip(memory_fn.names, inputs)}
+        units = new if units is None else {name: torch.cat([units[name], u], dim=1) for name, u in new.items()}
+        overlap = torch.stack([(units[name] @ u.transpose(-1, -2)).abs().sum(1) for name, u in new.items()])
+        overlap = overlap.amax(0).clamp(min=1)
+    theta = _scaled_lr(lr, inputs, deltas, max_grad_norm, normalize_chunk_lr, overlap)
+    W_now, S_now = _token_update(memory_fn, W_now, S_now, inputs, deltas, theta, momentum, decay)
+    y = memory_fn(W_now, query)
     if complete:
-        return y, MemoryState(W, S)
-    return y, MemoryState(W, S, PendingTokens(keys, values, lr, momentum, decay))
+        return y, MemoryState(W_now, S_now)
+    return y, MemoryState(state.weights, state.momentum,
+                          PendingTokens(keys, values, lrs, momenta, decays, W_now, S_now, units))
+
+
+def _token_update(memory: MLPMemory, W: Params, S: Params, inputs, deltas, theta: Tensor, momentum: Tensor | None,
+                  decay: Tensor | None) -> tuple[Params, Params]:
+    """One token's S_t = eta_t S_{t-1} - theta_t G_t and W_t = (1 - alpha_t) W_{t-1} + S_t (Eqs. 13-14), its gradient
+    G_t = delta_t z_t^T per layer taken at the chunk-start weights; gates (BH, 1)."""
+    per_row = lambda g: g.unsqueeze(-1)  # noqa: E731  (BH, 1) -> (BH, 1, 1), against (BH, d_out, d_in) weights
+    new_W, new_S = {}, {}
+    for i, name in enumerate(memory.names):
+        step = (per_row(theta) * deltas[i]).transpose(-1, -2) @ inputs[i]
+        new_S[name] = -step if momentum is None else per_row(momentum) * S[name] - step
+        new_W[name] = new_S[name] + (W[name] if decay is None else per_row(1 - decay) * W[name])
+    return new_W, new_S
+
+
+def _running_values(memory: MLPMemory, state: MemoryState, max_grad_norm: float | None,
+                    normalize_chunk_lr: bool) -> tuple[Params, Params, Params | None]:
+    """W_t, S_t after the state's pending tokens and their unit inputs (None without chunk normalisation): carried by
+    a state `memory_step` made, else folded in once from the pending tokens (a state that `memory_scan` left
+    mid-chunk)."""
+    pending = state.pending
+    if pending is None:
+        return state.weights, state.momentum, None
+    if pending.weights_now is not None and (pending.unit_inputs is not None or not normalize_chunk_lr):
+        return pending.weights_now, pending.momentum_now, pending.unit_inputs
+    inputs, deltas = _inner_gradient_factors(memory, state.weights, pending.keys, pending.values)
+    theta = _scaled_lr(pending.lr, inputs, deltas, max_grad_norm, normalize_chunk_lr)
+    end = GateProducts.build(pending.momentum, pending.decay, like=pending.lr).coefficients(theta).last_row()
+    W, S = _advance(memory, state.weights, state.momentum, inputs, deltas, end)
+    units = None
+    if normalize_chunk_lr:
+        units = {name: torch.nn.functional.normalize(z, dim=-1) for name, z in zip(memory.names, inputs)}
+    return W, S, units
 
 
 def current_weights(memory_fn: MemoryFn, state: MemoryState, max_grad_norm: float | None = None,
@@ -484,6 +549,8 @@ def current_weights(memory_fn: MemoryFn, state: MemoryState, max_grad_norm: floa
     pending = state.pending
     if pending is None:
         return state.weights
+    if pending.weights_now is not None:  # a decoding state carries them
+        return pending.weights_now
     p = len(pending)
     _, advanced = memory_scan(memory_fn, state.weights, pending.keys, pending.values, pending.keys, pending.lr,
                               pending.momentum, pending.decay, chunk_size=p,
