@@ -2,6 +2,8 @@
 
     python benchmarks/bench_decode.py                                  # small preset, 1,024-token prompt, 1 thread
     python benchmarks/bench_decode.py --ref /tmp/ref --repeats 3       # against another checkout, alternating runs
+    python benchmarks/bench_decode.py --variants mac --set dim=256 layers=2 chunk_size=64 memory_heads=4 \
+        memory_expansion=4.0 ffn_hidden=1160      # issue 11's workload: bench_peer.py's MAC (3.37M parameters)
 
 Prefill: one call of the model on a (1, --prompt-len) prompt of random tokens. Decode: `TitansLM.generate` of
 --new-tokens greedy tokens continuing the state after the prompt (the prompt's last token is fed through generate,
@@ -34,7 +36,7 @@ def measure(args: argparse.Namespace, variant: str) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = TitansLM(preset(args.preset, variant)).eval()
+    model = TitansLM(preset(args.preset, variant, **overrides(args.set))).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len))
     prefill, decode = [], []
     with torch.inference_mode():
@@ -52,11 +54,24 @@ def measure(args: argparse.Namespace, variant: str) -> dict:
             "tokens": tokens[0, 1:].tolist()}
 
 
+def overrides(pairs: list[str]) -> dict:
+    """--set KEY=VALUE ... as TitansConfig fields (values read as YAML scalars)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def run_worker(args: argparse.Namespace, src: Path, variant: str) -> dict:
     """`measure` in a fresh process importing titans from `src`."""
     command = [sys.executable, __file__, "--worker", "--variants", variant, "--preset", args.preset,
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               "--repeats", str(args.repeats), "--threads", str(args.threads)]
+               "--repeats", str(args.repeats), "--threads", str(args.threads), "--set", *args.set]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
@@ -69,6 +84,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", help="model size (titans.model.PRESETS)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="TitansConfig fields over the preset")
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per process (median)")
@@ -94,7 +110,8 @@ def main() -> int:
 
     header = f"{'variant':<16}{'prefill tok/s':>14}{'decode tok/s':>14}{'decode/prefill':>16}"
     header += f"{'ref decode':>12}{'speed-up':>10}{'same tokens':>13}" if args.ref else ""
-    print(f"preset {args.preset}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} thread(s), "
+    shape = args.preset + (" with " + " ".join(args.set) if args.set else "")
+    print(f"preset {shape}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} thread(s), "
           f"median of {args.repeats} x {args.runs} run(s)")
     print(header)
     summary = {}
