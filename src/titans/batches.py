@@ -21,7 +21,7 @@ from titans.data.loader import IGNORE_INDEX, DocumentSegments, RandomWindows, To
 from titans.data.synthetic import SyntheticDataset, SyntheticTask, make_task
 from titans.typed_yaml import ConfigError
 
-__all__ = ["Batch", "SyntheticBatches", "TextBatches", "DocumentBatches", "make_batches", "make_task_from_config",
+__all__ = ["Batch", "SyntheticBatches", "TextBatches", "DocumentBatches", "MixedBatches", "make_batches", "make_task_from_config",
            "text_tokenizer_name", "EVAL_SEED_OFFSET"]
 
 EVAL_SEED_OFFSET = 2**32  # held-out synthetic examples use seed + this: disjoint from every training seed
@@ -133,6 +133,47 @@ class DocumentBatches:
         self.segments.load_state_dict(state)
 
 
+class MixedBatches:
+    """Text batches whose last ``k = max(1, round(fraction * batch_size))`` rows of every global batch are replaced by
+    prompted examples (``data.mix_tasks``: the prompt read, only the answer scored): global batch ``n`` takes examples
+    ``n * k .. n * k + k - 1``. Each rank replaces the ones among its rows, so N processes see the data of one."""
+
+    def __init__(self, text: TextBatches, examples, batch_size: int, fraction: float, *, rank: int = 0,
+                 world_size: int = 1):
+        self.text, self.examples, self.rank, self.world_size = text, examples, rank, world_size
+        self.batch_size, self.mixed = batch_size, max(1, round(fraction * batch_size))
+        self.batch = 0
+
+    @property
+    def stream(self) -> TokenStream:
+        return self.text.stream
+
+    def __iter__(self) -> MixedBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        text = next(self.text)
+        parts = {"inputs": text.inputs.clone(), "targets": text.targets.clone(), "loss_mask": text.loss_mask.clone()}
+        first_row = self.rank * (self.batch_size // self.world_size)  # (text's inputs and targets share storage)
+        for row in range(text.inputs.shape[0]):
+            j = first_row + row - (self.batch_size - self.mixed)  # this row's place among the mixed ones
+            if j >= 0:
+                example = self.examples[self.batch * self.mixed + j]
+                for key, tensor in parts.items():
+                    tensor[row] = example[key]
+        self.batch += 1
+        return Batch(**parts)
+
+    def state_dict(self) -> dict:
+        return {"text": self.text.state_dict(), "mixed_batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "mixed_batch" not in state:
+            raise ValueError("data position was saved without data.mix_tasks; resume with the run's own config")
+        self.text.load_state_dict(state["text"])
+        self.batch = int(state["mixed_batch"])
+
+
 def text_tokenizer_name(config: RunConfig) -> str:
     """The corpus tokenizer of a text run (``byte`` is accepted for ``bytes``)."""
     name = config.data.tokenizer
@@ -172,7 +213,7 @@ def make_task_from_config(config: RunConfig, seq_len: int | None = None, split: 
 
 
 def make_batches(config: RunConfig, split: str = "train", *, rank: int = 0,
-                 world_size: int = 1) -> SyntheticBatches | TextBatches | DocumentBatches:
+                 world_size: int = 1) -> SyntheticBatches | TextBatches | DocumentBatches | MixedBatches:
     """Training batches (``split="train"``: ``train.batch_size`` sequences, read as ``data.sampling`` says) or
     held-out ones (``"eval"``: ``eval.batch_size`` windows of the validation split of a text corpus, other seeds of a
     synthetic task)."""
@@ -192,7 +233,22 @@ def make_batches(config: RunConfig, split: str = "train", *, rank: int = 0,
                               f"side, but the train split has {documents} (of at least 2 tokens): lower the batch "
                               f"size or use windows")
         return DocumentBatches(stream, config.train.seq_len, batch_size, seed=seed, rank=rank, world_size=world_size)
-    return TextBatches(stream, config.train.seq_len, batch_size, seed=seed, rank=rank, world_size=world_size)
+    text = TextBatches(stream, config.train.seq_len, batch_size, seed=seed, rank=rank, world_size=world_size)
+    if split == "train" and config.data.mix_tasks:
+        from titans.data.prompted import PromptedExamples
+        from titans.data.tokenizer import load_tokenizer
+
+        if stream.tokenizer_path is None or not stream.tokenizer_path.is_file():
+            raise ConfigError(f"'data.mix_tasks' needs the corpus tokenizer's file, not found at "
+                              f"{stream.tokenizer_path}")
+        data_dir = None if config.data.data_dir is None else Path(config.data.data_dir)
+        try:
+            examples = PromptedExamples(config.data.mix_tasks, load_tokenizer(stream.tokenizer_path),
+                                        config.train.seq_len, data_dir=data_dir)
+        except ValueError as exc:
+            raise ConfigError(f"'data.mix_tasks': {exc}") from None
+        return MixedBatches(text, examples, batch_size, config.data.mix_fraction, rank=rank, world_size=world_size)
+    return text
 
 
 def open_text_stream(config: RunConfig, split: str) -> TokenStream:

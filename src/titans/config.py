@@ -83,6 +83,9 @@ class TrainConfig:
     """Gradients flow back through at most this many segments (state detached between); null: all."""
     log_every: int = 10
     """Write training metrics every this many optimizer steps."""
+    init_from: str | None = None
+    """Fine-tuning: a checkpoint, or a run directory (its latest checkpoint), whose model weights this run starts
+    from; the optimizer, schedule, data and step count start afresh. The model section must build the same shapes."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep_last", "tbptt_segments", "log_every"):
@@ -120,9 +123,28 @@ class DataConfig:
     rows move on to new documents together (documents of similar length side by side; the shorter ones padded). Full
     attention (transformer) then keeps the keys of the whole document so far."""
 
+    mix_tasks: list[str] = dataclasses.field(default_factory=list)
+    """Prompted tasks mixed into text training: RULER's S-NIAH (niah_single_1, niah_single_2, niah_single_3) and
+    BABILong (qa1-qa5, background from the corpus's train books). Their examples, train.seq_len tokens each (the
+    prompt read, only the answer scored), replace data.mix_fraction of every training batch's rows, the tasks in
+    turn; evaluation batches stay plain text. Empty: plain text only."""
+    mix_fraction: float = 0.25
+    """The share of each training batch's rows that data.mix_tasks fill (at least one row when tasks are set)."""
+
     def __post_init__(self) -> None:
         check(self.sampling == "windows" or self.task == "text", "sampling",
                f"must be windows unless data.task is text (it is {self.task})", self.sampling)
+        check(0 < self.mix_fraction < 1, "mix_fraction", "must lie in (0, 1)", self.mix_fraction)
+        if self.mix_tasks:
+            from titans.data.prompted import MIX_TASKS
+
+            unknown = [t for t in self.mix_tasks if t not in MIX_TASKS]
+            check(not unknown, "mix_tasks", f"has unknown tasks {unknown}; choose from {list(MIX_TASKS)}",
+                  self.mix_tasks)
+            check(self.task == "text", "mix_tasks", f"mixes into text training only (data.task is {self.task})",
+                  self.mix_tasks)
+            check(self.sampling == "windows", "mix_tasks", "needs data.sampling windows (documents carry each row's "
+                  "state from batch to batch)", self.mix_tasks)
 
 
 @dataclasses.dataclass

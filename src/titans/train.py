@@ -200,6 +200,14 @@ class _Trainer:
         self.last_checkpoint = loaded["path"]
         self._say(f"resumed {self.run_dir} from step {self.step} ({loaded['path'].name})")
 
+    def _initialise_from(self, source: Path) -> None:
+        """train.init_from: the model weights of another run's checkpoint (fine-tuning), nothing else of it."""
+        try:
+            loaded = load_checkpoint(source, self.model, restore_rng=False)
+        except (CheckpointError, FileNotFoundError) as exc:
+            raise ConfigError(f"'train.init_from': {str(exc).splitlines()[0]}") from None
+        self._say(f"initialised the model from {loaded['path']} (step {loaded['step']})")
+
     def _where(self) -> str:
         return f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint yet"
 
@@ -339,8 +347,11 @@ class _Trainer:
         start_checkpoint = self._prepare_run_dir(resume)
         if start_checkpoint is not None:
             self._restore(start_checkpoint)
-        elif resume:
-            self._say(f"{self.run_dir} has no checkpoint yet: starting from step 0")
+        else:
+            if resume:
+                self._say(f"{self.run_dir} has no checkpoint yet: starting from step 0")
+            if cfg.init_from is not None:
+                self._initialise_from(Path(cfg.init_from))
         resumed_from = self.step if start_checkpoint is not None else None
         logger = MetricsLogger(self.run_dir, enabled=self.info.is_main)
         logger.truncate(self.step)  # records after the checkpoint are logged again
