@@ -65,7 +65,7 @@ def test_resume_reuses_stored_jobs_and_report_marks_pending(tmp_path, monkeypatc
     out, report, calls = tmp_path / "out", tmp_path / "report.md", []
     write_report = reproduce.write_report
     monkeypatch.setattr(reproduce, "_figures", lambda *a, **k: None)  # the first reports without their plots
-    stages = ["lm", "ablations", "depth", "seeds", "niah", "babilong"]
+    stages = ["lm", "ablations", "depth", "seeds", "tune", "niah", "babilong"]
     reproduce.run_reproduce(out, quick=True, stages=stages, report=report, say=lambda s: None,
                             runner=fake_runner(calls, fail={"mag"}))
     first = len(calls)
@@ -87,7 +87,16 @@ def test_resume_reuses_stored_jobs_and_report_marks_pending(tmp_path, monkeypatc
     reproduce.run_reproduce(out, quick=True, stages=stages, report=report, say=lambda s: None,
                             runner=fake_runner(calls))
     assert calls == [] and reproduce.write_report is write_report
+    # the tune stage fine-tunes the lm stage's own runs: init_from is the lm job's stored run directory
+    tuned = json.loads((out / "results/tune/lmm.json").read_text())
+    lm_run = json.loads((out / "results/lm/lmm.json").read_text())["result"]["run_dir"]
+    assert tuned["resolved_spec"]["set"]["train.init_from"] == lm_run
+    assert tuned["spec"]["set"]["train.init_from"] is None  # the plan's spec (its digest) names no directory
+    assert tuned["resolved_spec"]["set"]["data.mix_tasks"] == [*reproduce.NIAH_TASKS, *reproduce.BABILONG_TASKS]
+    niah = json.loads((out / "results/niah/lmm.json").read_text())
+    assert niah["resolved_spec"]["run_dir"] == tuned["result"]["run_dir"]
     text = report.read_text()
+    assert "## Fine-tuning for S-NIAH and BABILong" in text and "| lmm | " in text.split("## Fine-tuning")[1]
     for heading in ("## Language modelling", "## Ablations", "## Memory depth", "S-NIAH-1/2/3", "## BABILong",
                     "## The plan and its budget", "## Exact configs"):
         assert any(line.startswith(heading) or heading in line for line in text.splitlines()), heading
