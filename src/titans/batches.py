@@ -21,8 +21,8 @@ from titans.data.loader import IGNORE_INDEX, DocumentSegments, RandomWindows, To
 from titans.data.synthetic import SyntheticDataset, SyntheticTask, make_task
 from titans.typed_yaml import ConfigError
 
-__all__ = ["Batch", "SyntheticBatches", "TextBatches", "DocumentBatches", "MixedBatches", "make_batches", "make_task_from_config",
-           "text_tokenizer_name", "EVAL_SEED_OFFSET"]
+__all__ = ["Batch", "SyntheticBatches", "TextBatches", "DocumentBatches", "MixedBatches", "make_batches",
+           "make_task_from_config", "text_tokenizer_name", "EVAL_SEED_OFFSET"]
 
 EVAL_SEED_OFFSET = 2**32  # held-out synthetic examples use seed + this: disjoint from every training seed
 _ENDLESS = 2**62  # synthetic datasets are indexed, not enumerated: "as many examples as needed"

@@ -892,7 +892,8 @@ def _niah_section(stored, plan, fig_dir: Path, rel) -> list[str]:
     lengths, depths = first["lengths"], first["depths"]
     lines += [f"The tune stage's models (fine-tuned at {first['train_seq_len']} tokens, shorter than every test "
               f"length), RULER's single-needle tasks (haystack and keys as in evaluation, the needles drawn from "
-              f"other seeds) at lengths {', '.join(map(str, lengths))} and depths {', '.join(f'{d:g}' for d in depths)}: "
+              f"other seeds) at lengths {', '.join(map(str, lengths))} and depths "
+              f"{', '.join(f'{d:g}' for d in depths)}: "
               f"teacher-forced exact match of the whole answer (RULER's generation score is off for budget). Mean "
               f"over depths, per length:", "",
               "| model | " + " | ".join(f"{t.replace('niah_single_', 'S-NIAH-')} @ {n}" for t in NIAH_TASKS

@@ -492,7 +492,8 @@ def memory_step(memory_fn: MemoryFn, key: Tensor, value: Tensor, query: Tensor, 
         y, W, S = _chunk_step(memory_fn, state.weights, state.momentum, keys, values, query, lrs,
                               GateProducts.build(momenta, decays, like=lrs), max_grad_norm, complete,
                               normalize_chunk_lr, last_only=True)
-        return y, MemoryState(W, S) if complete else MemoryState(W, S, PendingTokens(keys, values, lrs, momenta, decays))
+        pending = None if complete else PendingTokens(keys, values, lrs, momenta, decays)
+        return y, MemoryState(W, S, pending)
     W_now, S_now, units = _running_values(memory_fn, state, max_grad_norm, normalize_chunk_lr)
     inputs, deltas = _inner_gradient_factors(memory_fn, state.weights, key, value)
     overlap = None
