@@ -77,9 +77,9 @@ def test_the_task_list_is_niah_and_babilong():
 
 
 def test_prompted_examples_score_only_the_answer(books_corpus):
-    tasks = ["niah_single_1", "niah_single_2", "niah_single_3", "qa1", "qa3"]
+    tasks = list(MIX_TASKS)
     examples = PromptedExamples(tasks, ByteTokenizer(), SEQ_LEN, data_dir=books_corpus)
-    for index in range(10):
+    for index in range(8 * len(tasks)):  # BABILong's qa5 overflows 512 bytes with BABILong's own fact limit
         ex = examples[index]
         assert all(ex[k].shape == (SEQ_LEN,) for k in ("inputs", "targets", "loss_mask"))
         padded = ex["targets"] == IGNORE_INDEX

@@ -201,12 +201,15 @@ class BabilongGenerator:
         ``"test"`` or ``"validation"`` for evaluation: different books). The corpus must have been prepared."""
         return cls(task, tokenizer, corpus.background_documents(split, data_dir), **kwargs)
 
-    def sample(self, context_length: int, *, seed: int = 0, index: int = 0) -> BabilongSample:
+    def sample(self, context_length: int, *, seed: int = 0, index: int = 0,
+               max_facts: int | None = None) -> BabilongSample:
         """Sample ``index`` of ``seed`` with a context of ``context_length`` tokens (see :func:`context_length`
-        for BABILong's named lengths). Deterministic in ``(task, context_length, seed, index)``."""
+        for BABILong's named lengths). Deterministic in ``(task, context_length, seed, index, max_facts)``.
+        ``max_facts``: at most this many facts (default BABILong's ``context_length // 8``)."""
         if context_length != 0 and context_length < 16:
             raise ValueError(f"context_length must be 0 (facts only) or >= 16, got {context_length}")
         facts_limit = context_length // 8 if context_length > 0 else None  # BABILong's max_n_facts
+        facts_limit = facts_limit if max_facts is None else max_facts
         babi: BabiSample = babi_sample(self.task, seed, index, max_facts=facts_limit)
         rng = np.random.default_rng([seed, index, context_length])
         enc = self.tokenizer.encode

@@ -19,7 +19,6 @@ __all__ = ["MIX_TASKS", "TRAIN_SEED", "PromptedExamples"]
 
 MIX_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "qa1", "qa2", "qa3", "qa4", "qa5")
 TRAIN_SEED = 7_000_000  # far from evaluation's seeds (42 for S-NIAH, 0.. for bAbI samples)
-BABILONG_ATTEMPTS = 16  # bAbI draws tried for a sample whose facts, question and answer fit the length
 
 
 class PromptedExamples:
@@ -54,14 +53,18 @@ class PromptedExamples:
         generator, length = self.generators[task], self.seq_len + 1
         if task.startswith("niah"):
             return generator.sample(length, seed=self.seed, index=index)  # raises when the prompt cannot fit
-        # BABILong: the context takes what the question and answer leave; a draw whose facts alone overflow is
-        # redrawn (BABILong's samples have at most context_length // 8 facts, and facts are long in bytes)
+        # BABILong: the context takes what the question and answer leave. BABILong allows context_length // 8
+        # facts, more than fit at a short length in bytes, so a sample that overflows is drawn again with half as
+        # many facts allowed, down to the two every task needs (short stories are over-represented at short lengths)
         context = length - 64
         if context < 16:
             raise ValueError(f"train.seq_len {self.seq_len} is too short for BABILong task {task}: need >= 79")
-        for attempt in range(BABILONG_ATTEMPTS):
-            sample = generator.sample(context, seed=self.seed, index=index * BABILONG_ATTEMPTS + attempt)
+        max_facts = context // 8
+        while True:
+            sample = generator.sample(context, seed=self.seed, index=index, max_facts=max_facts)
             if len(sample.token_ids) <= length:
                 return sample
-        raise ValueError(f"train.seq_len {self.seq_len} is too short for BABILong task {task}: {BABILONG_ATTEMPTS} "
-                         f"draws of its facts, question and answer did not fit")
+            if max_facts == 2:
+                raise ValueError(f"train.seq_len {self.seq_len} is too short for BABILong task {task}: with two "
+                                 f"facts a sample still takes {len(sample.token_ids)} tokens")
+            max_facts = max(2, max_facts // 2)
