@@ -311,9 +311,10 @@ class _Trainer:
 
     def _check_progress(self, loss: float) -> None:
         """Warn once when the loss has not fallen from its initial value by the end of warm-up (of 10 steps or more):
-        a learning rate far too high or too low sits there, and the run would otherwise end quietly."""
+        a learning rate far too high or too low sits there, and the run would otherwise end quietly. Not when fine-tuning
+        (train.init_from): a trained model's loss has little left to fall."""
         check_at = self.config.optim.warmup_steps
-        if check_at < 10 or self.step > check_at or len(self.losses) >= check_at:
+        if check_at < 10 or self.step > check_at or len(self.losses) >= check_at or self.config.train.init_from:
             return
         self.losses.append(loss)
         if self.step != check_at or len(self.losses) != check_at:  # only when this session started at step 0
