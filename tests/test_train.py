@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from books_corpus import prepare_books_corpus
 from safetensors.torch import load_file
 
 import titans.train as train_module
@@ -322,27 +323,9 @@ def test_two_processes_match_one(tmp_path):
 @pytest.fixture(scope="module")
 def documents_corpus(tmp_path_factory) -> Path:
     """A byte-level corpus of train documents of different lengths (prepared from a fixture archive)."""
-    import io
-    import tarfile
-
-    from titans.data import corpus
-
-    root = tmp_path_factory.mktemp("documents")
     books = {f"train_{i}": f"doc {i}. " * n for i, n in enumerate([3, 9, 5, 12, 2, 7])}
     books |= {"held_val": "the validation document. " * 6, "held_test": "the test document. " * 6}
-    archive = root / "books-1.0.tar.gz"
-    with tarfile.open(archive, "w:gz") as t:
-        for name, text in books.items():
-            info = tarfile.TarInfo(f"books-1.0/texts/{name}_gut.txt")
-            info.size = len(text.encode())
-            t.addfile(info, io.BytesIO(text.encode()))
-    source = corpus.Source("books", "books==1.0", "*/texts/*_gut.txt", corpus.parse_gutenberg_files,
-                           validation=("held_val",), test=("held_test",))
-    patch = pytest.MonkeyPatch()
-    patch.setattr(corpus, "fetch", lambda spec, **kwargs: archive)
-    corpus.prepare(root / "data", tokenizer="bytes", sources=[source])
-    patch.undo()
-    return root / "data"
+    return prepare_books_corpus(tmp_path_factory.mktemp("documents"), books, "held_val", "held_test")
 
 
 def documents_config(data_dir: Path, **train_section) -> RunConfig:
