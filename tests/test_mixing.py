@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,34 @@ def test_mixed_batches_replace_the_last_rows_the_same_on_every_rank(books_corpus
     assert torch.equal(next(resumed).inputs, next(batches).inputs)
     with pytest.raises(ValueError, match="without data.mix_tasks"):
         resumed.load_state_dict(plain.state_dict())
+
+
+def test_row_weighting_gives_every_row_the_weight_of_a_text_row(books_corpus, tmp_path, monkeypatch):
+    config = text_config(books_corpus, {"mix_tasks": ["niah_single_1", "qa1"], "mix_fraction": 0.5,
+                                        "mix_weighting": "row"}, steps=1)
+    batch = next(make_batches(config))
+    assert next(make_batches(text_config(books_corpus, {"mix_tasks": ["qa1"]}))).loss_weight is None  # token
+    torch.testing.assert_close(batch.loss_weight[:2], batch.loss_mask[:2].float())  # text rows: one per position
+    torch.testing.assert_close(batch.loss_weight.sum(dim=1), torch.full((4,), float(SEQ_LEN)))
+    assert torch.equal(batch.loss_weight > 0, batch.loss_mask)
+    halves = [next(make_batches(config, rank=r, world_size=2)) for r in (0, 1)]
+    assert torch.equal(torch.cat([h.loss_weight for h in halves]), batch.loss_weight)
+    # the training loss is the mean over rows of each row's mean loss (each row computed alone, unweighted)
+    expected = []
+    forward = train_module.SegmentLoss.forward
+
+    def spy(self, inputs, targets, loss_mask, state=None, loss_weight=None):
+        if not expected:
+            with torch.no_grad():
+                rows = [forward(self, inputs[r:r + 1], targets[r:r + 1], loss_mask[r:r + 1])[0] / loss_mask[r].sum()
+                        for r in range(inputs.shape[0])]
+            expected.append(float(torch.stack(rows).mean()))
+        return forward(self, inputs, targets, loss_mask, state, loss_weight)
+
+    monkeypatch.setattr(train_module.SegmentLoss, "forward", spy)
+    train(config, tmp_path / "run", progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[0]["step"] == 1 and logged[0]["train/loss"] == pytest.approx(expected[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("data, message", [

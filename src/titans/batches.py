@@ -32,25 +32,34 @@ _ENDLESS = 2**62  # synthetic datasets are indexed, not enumerated: "as many exa
 class Batch:
     """``inputs``, ``targets`` (B, T) int64 and ``loss_mask`` (B, T) bool: the positions that are scored.
     ``fresh``: the rows start new sequences (read them from a fresh state); False: they continue the rows of the
-    previous batch of their source (carry its state on)."""
+    previous batch of their source (carry its state on). ``loss_weight`` (B, T) float: each position's weight in the
+    training loss (zero where not scored); None: one for every scored position."""
 
     inputs: Tensor
     targets: Tensor
     loss_mask: Tensor
     fresh: bool = True
+    loss_weight: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.inputs.to(device), self.targets.to(device), self.loss_mask.to(device), self.fresh)
+        return Batch(self.inputs.to(device), self.targets.to(device), self.loss_mask.to(device), self.fresh,
+                     None if self.loss_weight is None else self.loss_weight.to(device))
 
     def rows(self, rank: int, world_size: int) -> Batch:
         """This rank's contiguous share of the rows."""
         per_rank = self.inputs.shape[0] // world_size
         part = slice(rank * per_rank, (rank + 1) * per_rank)
-        return Batch(self.inputs[part], self.targets[part], self.loss_mask[part], self.fresh)
+        return Batch(self.inputs[part], self.targets[part], self.loss_mask[part], self.fresh,
+                     None if self.loss_weight is None else self.loss_weight[part])
 
     @property
     def scored(self) -> int:
         return int(self.loss_mask.sum())
+
+    @property
+    def total_weight(self) -> float:
+        """The training loss's denominator: the sum of ``loss_weight``, or the number of scored positions."""
+        return self.scored if self.loss_weight is None else float(self.loss_weight.sum())
 
 
 def _per_rank(batch_size: int, world_size: int, key: str) -> None:
@@ -136,11 +145,14 @@ class DocumentBatches:
 class MixedBatches:
     """Text batches whose last ``k = max(1, round(fraction * batch_size))`` rows of every global batch are replaced by
     prompted examples (``data.mix_tasks``: the prompt read, only the answer scored): global batch ``n`` takes examples
-    ``n * k .. n * k + k - 1``. Each rank replaces the ones among its rows, so N processes see the data of one."""
+    ``n * k .. n * k + k - 1``. Each rank replaces the ones among its rows, so N processes see the data of one.
+    ``weighting`` (``data.mix_weighting``): ``token``, every scored position weighs one in the loss; ``row``, a
+    prompted row's answer positions share the weight of a whole text row (``seq_len`` each row)."""
 
     def __init__(self, text: TextBatches, examples, batch_size: int, fraction: float, *, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, weighting: str = "token"):
         self.text, self.examples, self.rank, self.world_size = text, examples, rank, world_size
+        self.weighting = weighting
         self.batch_size, self.mixed = batch_size, max(1, round(fraction * batch_size))
         self.batch = 0
 
@@ -161,8 +173,13 @@ class MixedBatches:
                 example = self.examples[self.batch * self.mixed + j]
                 for key, tensor in parts.items():
                     tensor[row] = example[key]
+        if self.weighting == "token":
+            loss_weight = None
+        else:  # each row's scored positions share the weight of seq_len tokens (text rows: one each, as before)
+            mask = parts["loss_mask"]
+            loss_weight = mask * (mask.shape[1] / mask.sum(dim=1, keepdim=True).clamp(min=1))
         self.batch += 1
-        return Batch(**parts)
+        return Batch(**parts, loss_weight=loss_weight)
 
     def state_dict(self) -> dict:
         return {"text": self.text.state_dict(), "mixed_batch": self.batch}
@@ -247,7 +264,8 @@ def make_batches(config: RunConfig, split: str = "train", *, rank: int = 0,
                                         config.train.seq_len, data_dir=data_dir)
         except ValueError as exc:
             raise ConfigError(f"'data.mix_tasks': {exc}") from None
-        return MixedBatches(text, examples, batch_size, config.data.mix_fraction, rank=rank, world_size=world_size)
+        return MixedBatches(text, examples, batch_size, config.data.mix_fraction, rank=rank, world_size=world_size,
+                            weighting=config.data.mix_weighting)
     return text
 
 

@@ -86,11 +86,12 @@ class SegmentLoss(nn.Module):
         super().__init__()
         self.model, self.piece_len = model, piece_len
 
-    def forward(self, inputs: Tensor, targets: Tensor, loss_mask: Tensor,
-                state: TitansState | None = None) -> tuple[Tensor, TitansState]:
+    def forward(self, inputs: Tensor, targets: Tensor, loss_mask: Tensor, state: TitansState | None = None,
+                loss_weight: Tensor | None = None) -> tuple[Tensor, TitansState]:
         total = inputs.new_zeros((), dtype=torch.float32)
         for positions, logits, state in stream(self.model, inputs, self.piece_len, state):
-            total = total + masked_loss_sum(logits, targets[:, positions], loss_mask[:, positions])
+            total = total + masked_loss_sum(logits, targets[:, positions], loss_mask[:, positions],
+                                            None if loss_weight is None else loss_weight[:, positions])
         return total, state
 
 
@@ -253,7 +254,8 @@ class _Trainer:
                 with sync:
                     with self.autocast():
                         loss, state = self.forward(batch.inputs[:, piece], batch.targets[:, piece],
-                                                   batch.loss_mask[:, piece], state)
+                                                   batch.loss_mask[:, piece], state,
+                                                   None if batch.loss_weight is None else batch.loss_weight[:, piece])
                     scaled = loss * scale
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 total += loss.detach()
@@ -265,7 +267,7 @@ class _Trainer:
     def _train_step(self) -> tuple[float, float, float, int]:
         """One optimizer step; returns the mean loss, gradient norm, learning rate and tokens of the global batch."""
         micro = [next(self.batches).to(self.info.device) for _ in range(self.config.optim.grad_accum)]
-        count = float(all_reduce_sum(torch.tensor(float(sum(b.scored for b in micro)), device=self.info.device)))
+        count = float(all_reduce_sum(torch.tensor(float(sum(b.total_weight for b in micro)), device=self.info.device)))
         if count == 0:
             raise TrainingError(f"step {self.step + 1}: the batch has no scored position")
         # DDP averages gradients over ranks: scale by world_size / count for the gradient of the global mean
