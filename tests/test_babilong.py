@@ -128,6 +128,15 @@ def test_sampler_reads_long_books_window_by_window():
     assert sum(b == a + 1 for a, b in zip(numbers, numbers[1:])) >= len(numbers) - 20
 
 
+def test_sampler_fills_a_few_tokens():
+    """A context nearly filled by facts leaves the background a few tokens: the draw still finds whole sentences
+    (it once read only 10 characters per token asked for, too few to hold one, and gave up after 1,000 draws)."""
+    sampler = BackgroundSampler(list(BOOKS.values()), ByteTokenizer())
+    rng = np.random.default_rng(0)
+    for n_tokens in (1, 2, 5, 9, 30):
+        assert sum(map(len, sampler.sample(n_tokens, rng))) == n_tokens
+
+
 def test_train_and_test_backgrounds_come_from_the_corpus_splits(monkeypatch):
     splits = {"train": [BOOKS["gardens"]], "test": [BOOKS["trains"]]}
     monkeypatch.setattr(corpus, "background_documents", lambda split, data_dir=None: splits[split])

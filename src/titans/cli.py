@@ -24,6 +24,7 @@ from titans.checkpoint import CheckpointError, CheckpointWarning
 from titans.config import RunConfig
 from titans.data.registry import DownloadError
 from titans.fileio import LockedError
+from titans.reproduce import STAGES
 from titans.runtime import choose_device
 from titans.typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
@@ -558,11 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("reproduce", "the paper's comparisons at small scale: train, evaluate, write docs/results.md",
                 "Run the plan of stages (lm: every variant at equal parameters and tokens; mqar: the MQAR grid, 3 "
                 "seeds; ablations: Table 5; depth: memory depth 1-4; seeds: lmm, mac, mag, mal with a further "
-                "seed; niah: S-NIAH 1/2/3 grids; babilong: qa1-qa5 "
-                "by length) into OUT, storing every job's result as it finishes: run it again to resume. Then "
+                "seed; tune: the long-context models fine-tuned with S-NIAH and BABILong examples mixed in; niah: "
+                "S-NIAH 1/2/3 grids; babilong: qa1-qa5 by length) into OUT, storing every job's result as it finishes: run it again to resume. Then "
                 "write the report (docs/results.md; with --quick OUT/results.md) from the stored results.")
     p.add_argument("--stages", nargs="+", metavar="STAGE",
-                   help="stages to run (default: all): lm mqar ablations depth seeds niah babilong")
+                   help=f"stages to run (default: all): {' '.join(STAGES)}")
     p.add_argument("--out", help="output directory (default: runs/reproduce, runs/reproduce-quick with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="tiny budgets (a few minutes): checks the pipeline, not the numbers")

@@ -125,7 +125,8 @@ class BackgroundSampler:
             doc = self.documents[int(rng.integers(len(self.documents)))]
             start = int(rng.integers(len(doc)))
             before = len(out)
-            for ids in self._sentences(doc, start, min(len(doc), start + 10 * n_tokens)):
+            # ~10 characters a token, and never fewer than 1,000: a few tokens still need whole sentences to cut from
+            for ids in self._sentences(doc, start, min(len(doc), start + 10 * max(n_tokens, 100))):
                 if len(ids) >= self.min_sentence_len:
                     out.append(ids)
                     total += len(ids)
