@@ -356,7 +356,7 @@ def test_text_benchmarks_report_the_generation_score(tmp_path, capsys, trained_r
     def needle(run, out, lengths, depths, samples, task=None, new_tokens=None):
         calls.append(new_tokens)
         result = {"task": "niah_single_1", "lengths": lengths, "depths": depths, "accuracy": [[0.5, 1.0]],
-                  "mean_accuracy": 0.75}
+                  "mean_accuracy": 0.75, "token_accuracy": [[0.75, 1.0]], "mean_token_accuracy": 0.875}
         return result if new_tokens == 0 else {**result, "generation": [[0.25, 0.0]], "mean_generation": 0.125}
 
     def babilong(run, out, lengths, samples, task, split, new_tokens=None):
@@ -367,15 +367,17 @@ def test_text_benchmarks_report_the_generation_score(tmp_path, capsys, trained_r
     monkeypatch.setattr(titans.evaluate, "eval_needle", needle)
     monkeypatch.setattr(titans.evaluate, "eval_babilong", babilong)
     code, out, _ = run(capsys, "niah", trained_run, "--lengths", "64", "--depths", "0", "1", "--out", tmp_path)
-    assert code == 0 and "mean accuracy 0.750, mean generation score 0.125" in out
+    assert code == 0 and "mean accuracy 0.750, mean answer token accuracy 0.875, mean generation score 0.125" in out
     lines = out.splitlines()
+    at = lines.index("  answer tokens right (teacher-forced):")
+    assert lines[at - 1].split() == ["64", "0.50", "1.00"] and lines[at + 2].split() == ["64", "0.75", "1.00"]
     at = lines.index("  generation score (RULER string match of greedy output):")
-    assert lines[at - 1].split() == ["64", "0.50", "1.00"] and lines[at + 2].split() == ["64", "0.25", "0.00"]
+    assert lines[at + 2].split() == ["64", "0.25", "0.00"]
     code, out, _ = run(capsys, "eval", trained_run, "--task", "babilong", "--lengths", "64", "--out", tmp_path)
     assert code == 0 and "length      64: accuracy 0.500  generation 0.250" in out
     code, out, _ = run(capsys, "eval", trained_run, "--task", "needle", "--lengths", "64", "--depths", "0", "1",
                        "--generate-tokens", "0", "--out", tmp_path)
-    assert code == 0 and "mean accuracy 0.750\n" in out and "generation" not in out
+    assert code == 0 and "mean answer token accuracy 0.875\n" in out and "generation" not in out
     code, out, _ = run(capsys, "eval", trained_run, "--task", "babilong", "--lengths", "64", "--generate-tokens", "7",
                        "--out", tmp_path)
     assert code == 0 and "length      64: accuracy 0.500  generation 0.250" in out

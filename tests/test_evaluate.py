@@ -317,6 +317,11 @@ def test_ruler_needle_grid(tmp_path, text_corpus, monkeypatch):
         run = loaded(PrefixOracle(samples, miss_last), text_config(text_corpus), tmp_path)
         result = evaluate.eval_needle(run, tmp_path, lengths, depths, samples=2, task="niah_single_2")
         assert result["accuracy"] == [[accuracy] * 2] * 2
+        # the share of answer tokens right: all, or all but each answer's last
+        answer_tokens = [[sum(int(s.as_example()["loss_mask"].sum()) for s in samples[4 * a + 2 * b:4 * a + 2 * b + 2])
+                          for b in range(2)] for a in range(2)]
+        expected = [1 - miss_last * 2 / n for row in answer_tokens for n in row]
+        assert sum(result["token_accuracy"], []) == pytest.approx(expected)
         # RULER's score of the greedy continuation: the whole answer, or one character short of it
         assert result["generation"] == [[accuracy] * 2] * 2 and result["mean_generation"] == accuracy
     assert (tmp_path / "needle_niah_single_2.png").is_file()

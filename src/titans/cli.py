@@ -180,11 +180,12 @@ def _needle_report(run, out: Path, task: str | None, lengths: list[int], depths:
     lines = [header, *(f"{n:>14} " + " ".join(f"{a:>6.2f}" for a in row)
                        for n, row in zip(r["lengths"], r["accuracy"], strict=True))]
     title = f"{run.name}: needle grid ({r['task']}), {samples} samples per cell, mean accuracy {r['mean_accuracy']:.3f}"
-    if "generation" in r:  # RULER's score of greedy generations
-        title += f", mean generation score {r['mean_generation']:.3f}"
-        lines += ["generation score (RULER string match of greedy output):", header,
-                  *(f"{n:>14} " + " ".join(f"{a:>6.2f}" for a in row)
-                    for n, row in zip(r["lengths"], r["generation"], strict=True))]
+    for key, name, what in (("token_accuracy", "answer token accuracy", "answer tokens right (teacher-forced)"),
+                            ("generation", "generation score", "generation score (RULER string match of greedy output)")):
+        if key in r:  # RULER tasks
+            title += f", mean {name} {r[f'mean_{key}']:.3f}"
+            lines += [f"{what}:", header, *(f"{n:>14} " + " ".join(f"{a:>6.2f}" for a in row)
+                                            for n, row in zip(r["lengths"], r[key], strict=True))]
     _print_result(title, out / f"needle_{r['task']}", lines)
     return 0
 

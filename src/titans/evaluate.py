@@ -282,25 +282,27 @@ def _synthetic_needle(run: LoadedRun, seed: int) -> Callable[[int, float, int], 
 
 
 def _ruler_grids(run: LoadedRun, task: str, lengths: Sequence[int], depths: Sequence[float], samples: int,
-                 seed: int, new_tokens: int | None) -> tuple[list[list[float]], list[list[float]] | None]:
-    """The S-NIAH grids of teacher-forced exact match and of RULER's generation score (fractions; None when
-    ``new_tokens`` is 0)."""
+                 seed: int, new_tokens: int | None) -> dict[str, list[list[float]]]:
+    """The S-NIAH grids (fractions): ``accuracy``, teacher-forced exact match of the whole answer;
+    ``token_accuracy``, the share of the answer's tokens predicted right (partial recall, where exact match is 0);
+    ``generation``, RULER's generation score (absent when ``new_tokens`` is 0)."""
     from titans.data.niah import NIAHGenerator
 
     tokenizer = run_tokenizer(run)
     generator = NIAHGenerator(task, tokenizer)
-    accuracy, generation = [], []
+    grids = {"accuracy": [], "token_accuracy": []} | ({"generation": []} if new_tokens != 0 else {})
     for length in lengths:
-        accuracy.append([])
-        generation.append([])
+        for grid in grids.values():
+            grid.append([])
         for depth in depths:
             cell = [generator.sample(length, depth=100 * depth, seed=seed, index=i) for i in range(samples)]
             scores = _score_examples(run, [s.as_example() for s in cell], run.config.eval.batch_size)
-            accuracy[-1].append(scores.sequence_accuracy)
+            grids["accuracy"][-1].append(scores.sequence_accuracy)
+            grids["token_accuracy"][-1].append(scores.accuracy)
             if new_tokens != 0:
-                generation[-1].append(float(np.mean([ruler_generation_score(
+                grids["generation"][-1].append(float(np.mean([ruler_generation_score(
                     run, s, tokenizer, generator.answer_budget if new_tokens is None else new_tokens) for s in cell])))
-    return accuracy, generation if new_tokens != 0 else None
+    return grids
 
 
 def eval_needle(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], depths: Sequence[float], samples: int,
@@ -309,23 +311,25 @@ def eval_needle(run: LoadedRun, out_dir: str | Path, lengths: Sequence[int], dep
 
     ``task``: ``synthetic`` (the synthetic needle task: a marked token among random ones, asked for at the end) or a
     RULER single-needle task (``niah_single_1``/``2``/``3``) for text runs; default: synthetic for synthetic runs,
-    ``niah_single_1`` for text runs. RULER tasks also get RULER's own metric: ``generation`` holds, per cell, the
-    mean :func:`~titans.data.niah.generation_score` (as a fraction) of greedy continuations of the prompts of up to
+    ``niah_single_1`` for text runs. RULER tasks also get ``token_accuracy``, per cell the share of the answer's
+    tokens predicted right, and RULER's own metric: ``generation`` holds, per cell, the mean
+    :func:`~titans.data.niah.generation_score` (as a fraction) of greedy continuations of the prompts of up to
     ``new_tokens`` tokens (default: RULER's 128; 0: no generation)."""
     task = task or ("niah_single_1" if run.config.data.task == "text" else "synthetic")
-    generation = None
+    extra = {}
     if task == "synthetic":
         grid = needle_grid(run, _synthetic_needle(run, seed), lengths, depths, samples)
     elif run.config.data.task != "text":
         raise ValueError(f"the {task} needle is text; {run.run_dir} was trained on the {run.config.data.task} task "
                          f"(use --task synthetic)")
     else:
-        grid, generation = _ruler_grids(run, task, lengths, depths, samples, seed, new_tokens)
+        extra = _ruler_grids(run, task, lengths, depths, samples, seed, new_tokens)
+        grid = extra.pop("accuracy")
     result = {"run": run.name, "checkpoint": str(run.checkpoint), "task": task, "lengths": list(lengths),
               "depths": list(depths), "samples": samples, "accuracy": grid,
               "mean_accuracy": float(np.mean(grid))}
-    if generation is not None:
-        result.update(generation=generation, mean_generation=float(np.mean(generation)))
+    for name, other in extra.items():
+        result.update({name: other, f"mean_{name}": float(np.mean(other))})
     out = Path(out_dir) / f"needle_{task}"
     plot_needle_heatmap(grid, lengths, depths, out.with_suffix(".png"), f"{run.name}: {task}")
     write_json(out.with_suffix(".json"), result)

@@ -385,7 +385,7 @@ def _niah(spec: dict, out: Path, run_dir: Path) -> dict:
         r = eval_needle(run, run_dir, spec["lengths"], spec["depths"], spec["samples"], task=task,
                         new_tokens=spec["generate_tokens"])
         grids[task] = {"accuracy": r["accuracy"], "mean_accuracy": r["mean_accuracy"],
-                       "png": str(run_dir / f"needle_{task}.png")}
+                       "token_accuracy": r["token_accuracy"], "png": str(run_dir / f"needle_{task}.png")}
     return {"variant": run.config.model.variant, "lengths": spec["lengths"], "depths": spec["depths"],
             "train_seq_len": run.config.train.seq_len, "grids": grids}
 
