@@ -36,7 +36,7 @@ def fake_runner(calls: list, fail: set | None = None):
         if kind == "niah":
             grid = [[0.5] * len(spec["depths"]) for _ in spec["lengths"]]
             return {"variant": spec["run"], "lengths": spec["lengths"], "depths": spec["depths"], "train_seq_len": 64,
-                    "grids": {t: {"accuracy": grid, "mean_accuracy": 0.5} for t in spec["tasks"]},
+                    "grids": {t: {"accuracy": grid, "mean_accuracy": 0.5, "token_accuracy": grid} for t in spec["tasks"]},
                     "wall_s": 1.0, "cpu_s": 1.0}
         return {"variant": spec["run"], "train_seq_len": 64, "wall_s": 1.0, "cpu_s": 1.0,
                 "by_task": {t: {str(n): 0.25 for n in spec["lengths"]} for t in spec["tasks"]}}
@@ -101,6 +101,7 @@ def test_resume_reuses_stored_jobs_and_report_marks_pending(tmp_path, monkeypatc
                     "## The plan and its budget", "## Exact configs"):
         assert any(line.startswith(heading) or heading in line for line in text.splitlines()), heading
     assert "| mac (full) |" in text and "| lmm w/o conv |" in text and "Ordering by the perplexity" in text
+    assert text.count("| lmm | 50 | 50 | 50 |") == 2  # S-NIAH: exact match, then answer token accuracy
     assert "## Seed spread" in text and "| mac | 2.92 | 2.95 | 2.94 | 1.01x |" in text
     for png in ("lm_loss_curves", "lm_ppl_by_position", "depth", "niah", "babilong"):
         assert (tmp_path / "report" / f"{png}.png").stat().st_size > 1000

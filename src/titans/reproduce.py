@@ -890,18 +890,26 @@ def _niah_section(stored, plan, fig_dir: Path, rel) -> list[str]:
 
     first = next(iter(res.values()))
     lengths, depths = first["lengths"], first["depths"]
+    header = ["| model | " + " | ".join(f"{t.replace('niah_single_', 'S-NIAH-')} @ {n}" for t in NIAH_TASKS
+                                       for n in lengths) + " |",
+              "| --- |" + " ---: |" * (len(NIAH_TASKS) * len(lengths))]
+
+    def table(metric: str) -> list[str]:  # mean over depths, per task and length
+        return [f"| {name} | " + " | ".join(f"{100 * statistics.fmean(row):.0f}" for t in NIAH_TASKS
+                                            for row in r["grids"][t][metric]) + " |"
+                for name, r in res.items() if all(metric in r["grids"][t] for t in NIAH_TASKS)]
+
     lines += [f"The tune stage's models (fine-tuned at {first['train_seq_len']} tokens, shorter than every test "
               f"length), RULER's single-needle tasks (haystack and keys as in evaluation, the needles drawn from "
               f"other seeds) at lengths {', '.join(map(str, lengths))} and depths "
               f"{', '.join(f'{d:g}' for d in depths)}: "
               f"teacher-forced exact match of the whole answer (RULER's generation score is off for budget). Mean "
-              f"over depths, per length:", "",
-              "| model | " + " | ".join(f"{t.replace('niah_single_', 'S-NIAH-')} @ {n}" for t in NIAH_TASKS
-                                        for n in lengths) + " |",
-              "| --- |" + " ---: |" * (len(NIAH_TASKS) * len(lengths))]
-    for name, r in res.items():
-        cells = [f"{100 * statistics.fmean(row):.0f}" for t in NIAH_TASKS for row in r["grids"][t]["accuracy"]]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+              f"over depths, per length:", "", *header, *table("accuracy")]
+    partial = table("token_accuracy")
+    if partial:
+        lines += ["", "The share of the answer's tokens predicted right, teacher-forced (partial recall, where exact "
+                  "match is 0). With a byte-level tokenizer the answer's leading space is easy, and a guessed digit "
+                  "is right one time in ten:", "", *header, *partial]
     _figures(plot_heatmap_panels, {n: {t: r["grids"][t]["accuracy"] for t in NIAH_TASKS} for n, r in res.items()},
                         lengths, depths, fig_dir / "niah.png", "S-NIAH accuracy by length (rows) and depth (columns)")
     return lines + ["", f"![S-NIAH heatmaps]({rel(fig_dir / 'niah.png')})"]
