@@ -114,10 +114,11 @@ def test_mixed_batches_replace_the_last_rows_the_same_on_every_rank(books_corpus
 
 
 def test_row_weighting_gives_every_row_the_weight_of_a_text_row(books_corpus, tmp_path, monkeypatch):
-    config = text_config(books_corpus, {"mix_tasks": ["niah_single_1", "qa1"], "mix_fraction": 0.5,
-                                        "mix_weighting": "row"}, steps=1)
+    config = text_config(books_corpus, {"mix_tasks": ["niah_single_1", "qa1"], "mix_fraction": 0.5}, steps=1)
+    assert config.data.mix_weighting == "row"  # the default
     batch = next(make_batches(config))
-    assert next(make_batches(text_config(books_corpus, {"mix_tasks": ["qa1"]}))).loss_weight is None  # token
+    token = text_config(books_corpus, {"mix_tasks": ["qa1"], "mix_weighting": "token"})
+    assert next(make_batches(token)).loss_weight is None
     torch.testing.assert_close(batch.loss_weight[:2], batch.loss_mask[:2].float())  # text rows: one per position
     torch.testing.assert_close(batch.loss_weight.sum(dim=1), torch.full((4,), float(SEQ_LEN)))
     assert torch.equal(batch.loss_weight > 0, batch.loss_mask)

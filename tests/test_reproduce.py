@@ -102,6 +102,9 @@ def test_resume_reuses_stored_jobs_and_report_marks_pending(tmp_path, monkeypatc
         assert any(line.startswith(heading) or heading in line for line in text.splitlines()), heading
     assert "| mac (full) |" in text and "| lmm w/o conv |" in text and "Ordering by the perplexity" in text
     assert text.count("| lmm | 50 | 50 | 50 |") == 2  # S-NIAH: exact match, then answer token accuracy
+    assert "S-NIAH: the best exact match of any model, task and length (mean over depths) is 50%" in text
+    assert "BABILong, mean over tasks and lengths: transformer 25%, lmm 25%; a uniform guess among the labels " \
+           "scores qa1 17%, qa2 17%, qa3 17%, qa4 17%, qa5 14%." in text
     assert "## Seed spread" in text and "| mac | 2.92 | 2.95 | 2.94 | 1.01x |" in text
     for png in ("lm_loss_curves", "lm_ppl_by_position", "depth", "niah", "babilong"):
         assert (tmp_path / "report" / f"{png}.png").stat().st_size > 1000

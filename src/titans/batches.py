@@ -150,7 +150,7 @@ class MixedBatches:
     prompted row's answer positions share the weight of a whole text row (``seq_len`` each row)."""
 
     def __init__(self, text: TextBatches, examples, batch_size: int, fraction: float, *, rank: int = 0,
-                 world_size: int = 1, weighting: str = "token"):
+                 world_size: int = 1, weighting: str = "row"):
         self.text, self.examples, self.rank, self.world_size = text, examples, rank, world_size
         self.weighting = weighting
         self.batch_size, self.mixed = batch_size, max(1, round(fraction * batch_size))

@@ -132,8 +132,8 @@ class Budget:
 
 FULL = Budget(lm_steps=500, lm_batch=8, lm_seq_len=256, lm_warmup=50, lm_eval_every=50, eval_tokens=131_072,
               lm_variants=LM_VARIANTS, lm_seeds=(1,), mqar_seeds=(0, 1, 2), mqar_args=(), depths=(1, 2, 3, 4),
-              niah_variants=LONG_CONTEXT_VARIANTS, niah_lengths=(1024, 2048, 4096, 8192),
-              niah_depths=(0.0, 0.5, 1.0), niah_samples=4, babilong_variants=LONG_CONTEXT_VARIANTS,
+              niah_variants=LONG_CONTEXT_VARIANTS, niah_lengths=(1024, 2048, 4096, 8192, 16384),
+              niah_depths=(0.0, 0.5, 1.0), niah_samples=2, babilong_variants=LONG_CONTEXT_VARIANTS,
               babilong_lengths=(256, 512, 1024, 2048), babilong_samples=8, tune_steps=120, tune_seq_len=512,
               tune_fraction=0.5, eval_cpu_s=60.0)
 QUICK = Budget(lm_steps=4, lm_batch=2, lm_seq_len=64, lm_warmup=1, lm_eval_every=2, eval_tokens=512,
@@ -217,9 +217,10 @@ def _tune_job(b: Budget, variant: str) -> Job:
     tune = {"train.init_from": None, "train.steps": b.tune_steps, "train.seq_len": b.tune_seq_len,
             "optim.warmup_steps": max(1, b.tune_steps // 10), "train.eval_every": b.tune_steps,
             "train.checkpoint_every": b.tune_steps, "eval.chunk_len": b.tune_seq_len,
-            "data.mix_tasks": [*NIAH_TASKS, *BABILONG_TASKS], "data.mix_fraction": b.tune_fraction}
-    tuning = dataclasses.replace(b, lm_steps=b.tune_steps, lm_seq_len=b.tune_seq_len, eval_tokens=b.eval_tokens // 4,
-                                 eval_cpu_s=b.eval_cpu_s / 4)  # perplexity after tuning: a check, on fewer tokens
+            "data.mix_tasks": [*NIAH_TASKS, *BABILONG_TASKS], "data.mix_fraction": b.tune_fraction,
+            "data.mix_weighting": "row"}
+    tuning = dataclasses.replace(b, lm_steps=b.tune_steps, lm_seq_len=b.tune_seq_len, eval_tokens=b.eval_tokens // 8,
+                                 eval_cpu_s=b.eval_cpu_s / 8)  # perplexity after tuning: a check, on fewer tokens
     job = _train_job("tune", variant, tuning, variant, tune, f"{variant}, fine-tuned with S-NIAH and BABILong")
     return dataclasses.replace(job, spec={**job.spec, "init_from": f"lm/{variant}"}, needs=(f"lm/{variant}",))
 
@@ -871,7 +872,8 @@ def _tune_section(stored, plan, lm: dict, b: Budget) -> list[str]:
         return lines + ["Pending: the lm stage's models fine-tuned with S-NIAH and BABILong examples mixed in."]
     lines += [f"Each lm stage model, {b.tune_steps} more steps of {b.lm_batch} x {b.tune_seq_len} tokens "
               f"(`train.init_from`), {b.tune_fraction:.0%} of every batch's rows S-NIAH-1/2/3 and qa1-qa5 examples "
-              "in turn (`data.mix_tasks`: the prompt read, only the answer scored), the rest plain text. Validation "
+              "in turn (`data.mix_tasks`: the prompt read, only the answer scored, each answer weighing in the loss "
+              "as much as a text row: `data.mix_weighting` row), the rest plain text. Validation "
               "perplexity at the lm stage's length before and at the tuning length after:", "",
               "| model | before | after | tune CPU s |", "| --- | ---: | ---: | ---: |"]
     for name, r in res.items():
@@ -935,7 +937,16 @@ def _babilong_section(stored, plan, fig_dir: Path, rel) -> list[str]:
         mean[name] = (lengths, [statistics.fmean(t[str(n)] for t in r["by_task"].values()) for n in lengths])
     _figures(plot_lines, {"mean over qa1-qa5": mean}, fig_dir / "babilong.png", "BABILong accuracy by context length",
                "context length (tokens)", "accuracy", logx=True, ylim=(-0.02, 1.02))
-    return lines + ["", f"![BABILong]({rel(fig_dir / 'babilong.png')})"]
+    samples = {stored[j.key]["spec"]["samples"] for j in plan if j.stage == "babilong" and j.key in stored}
+    return lines + ["", f"A uniform guess among a task's answer labels scores {_babilong_chance()}. With "
+                    f"{'/'.join(map(str, sorted(samples)))} samples a cell, one sample is "
+                    f"{100 / min(samples):.0f} points.", "", f"![BABILong]({rel(fig_dir / 'babilong.png')})"]
+
+
+def _babilong_chance() -> str:
+    from titans.data.babilong import TASK_LABELS
+
+    return ", ".join(f"{t} {100 / len(TASK_LABELS[t]):.0f}%" for t in BABILONG_TASKS)
 
 
 def _discussion(lm, stored, plan, mqar_runs, mqar_cfg) -> list[str]:
@@ -993,11 +1004,29 @@ def _discussion(lm, stored, plan, mqar_runs, mqar_cfg) -> list[str]:
               "at most their window at every position, and the memory variants carry their state through the "
               "whole window.",
               "- S-NIAH and BABILong read models fine-tuned briefly on both tasks (the tune stage), where the paper "
-              "trains and fine-tunes at far larger scale: accuracy near zero says the budget did not teach the "
-              "task, not that the architecture cannot. In the tune stage the answers, the only scored tokens of "
-              "the mixed rows, are about 2% of each step's scored tokens (an 8-token number or a 37-token UUID "
-              "against the text rows' 512 each): task-only fine-tuning, or weighting the answers as the text, is "
-              "the next thing to try."]
+              "trains and fine-tunes at far larger scale: accuracy near zero or near chance says the budget did not "
+              "teach the task, not that the architecture cannot."]
+    return lines + _long_context_findings(stored, plan)
+
+
+def _long_context_findings(stored, plan) -> list[str]:
+    """What the S-NIAH and BABILong results say, computed from them."""
+    lines = []
+    niah = {j.name: stored[j.key]["result"] for j in plan if j.stage == "niah" and j.key in stored}
+    if niah:
+        best = max(statistics.fmean(row) for r in niah.values() for g in r["grids"].values() for row in g["accuracy"])
+        tokens = {n: statistics.fmean(statistics.fmean(g["token_accuracy"][0]) for g in r["grids"].values())
+                  for n, r in niah.items() if all("token_accuracy" in g for g in r["grids"].values())}
+        lines.append(f"  - S-NIAH: the best exact match of any model, task and length (mean over depths) is "
+                     f"{100 * best:.0f}%." + (f" Answer tokens right at the shortest length, mean over the three "
+                     "tasks: " + ", ".join(f"{n} {100 * a:.0f}%" for n, a in sorted(tokens.items(), key=lambda x:
+                                                                                    -x[1])) + "." if tokens else ""))
+    babilong = {j.name: stored[j.key]["result"] for j in plan if j.stage == "babilong" and j.key in stored}
+    if babilong:
+        means = {n: statistics.fmean(v for t in r["by_task"].values() for v in t.values()) for n, r in babilong.items()}
+        lines.append("  - BABILong, mean over tasks and lengths: " + ", ".join(
+            f"{n} {100 * a:.0f}%" for n, a in sorted(means.items(), key=lambda x: -x[1]))
+            + f"; a uniform guess among the labels scores {_babilong_chance()}.")
     return lines
 
 
