@@ -95,6 +95,13 @@ def test_resume_reuses_stored_jobs_and_report_marks_pending(tmp_path, monkeypatc
     assert tuned["resolved_spec"]["set"]["data.mix_tasks"] == [*reproduce.NIAH_TASKS, *reproduce.BABILONG_TASKS]
     niah = json.loads((out / "results/niah/lmm.json").read_text())
     assert niah["resolved_spec"]["run_dir"] == tuned["result"]["run_dir"]
+    # a tune run trained again (another run directory): its S-NIAH and BABILong jobs run again, nothing else does
+    tuned["result"]["run_dir"] += "-again"
+    (out / "results/tune/lmm.json").write_text(json.dumps(tuned))
+    reproduce.run_reproduce(out, quick=True, stages=stages, report=report, say=lambda s: None,
+                            runner=fake_runner(calls))
+    assert sorted((kind, name) for kind, name, _ in calls) == [("babilong", "tune/lmm"), ("niah", "tune/lmm")]
+    assert json.loads((out / "results/niah/lmm.json").read_text())["resolved_spec"]["run_dir"].endswith("-again")
     text = report.read_text()
     assert "## Fine-tuning for S-NIAH and BABILong" in text and "| lmm | " in text.split("## Fine-tuning")[1]
     for heading in ("## Language modelling", "## Ablations", "## Memory depth", "S-NIAH-1/2/3", "## BABILong",

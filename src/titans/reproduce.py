@@ -318,18 +318,20 @@ def _bench_mqar():
 
 
 def resolve_spec(job: Job, out: Path, stored: dict[str, dict]) -> dict | None:
-    """The spec a job runs with: the hybrid ablations take the best hybrid of the lm stage (lowest validation loss);
-    None while a job it needs has no result."""
+    """The spec a job runs with, filled in from the results of the jobs it needs (None while one has none): the hybrid
+    ablations take the best hybrid of the lm stage (lowest validation loss), the S-NIAH and BABILong jobs the tune
+    run's directory (``run_dir``), a tune job the lm run's directory (``train.init_from``)."""
     if any(n not in stored for n in job.needs):
         return None
-    if job.spec.get("variant") != "best_hybrid":
-        return job.spec
-    losses = {stored[n]["result"]["variant"]: stored[n]["result"]["eval"]["loss"] for n in job.needs if n in stored}
-    if not losses:
-        return None
-    best = min(losses, key=losses.get)
     spec = json.loads(json.dumps(job.spec))
-    spec["variant"], spec["config"] = best, f"configs/lm/small/{best}.yaml"
+    if spec.get("variant") == "best_hybrid":
+        losses = {stored[n]["result"]["variant"]: stored[n]["result"]["eval"]["loss"] for n in job.needs}
+        best = min(losses, key=losses.get)
+        spec["variant"], spec["config"] = best, f"configs/lm/small/{best}.yaml"
+    if job.kind in ("niah", "babilong"):
+        spec["run_dir"] = stored[spec["run"]]["result"]["run_dir"]
+    if "init_from" in spec:  # a tune job starts from the lm job's weights
+        spec["set"]["train.init_from"] = stored[spec["init_from"]]["result"]["run_dir"]
     return spec
 
 
@@ -474,11 +476,6 @@ def _run_stage(out: Path, plan: list[Job], stage: str, jobs_at_once: int, thread
         if spec is None:
             say(f"   {job.key}: pending (needs {', '.join(job.needs)})")
             continue
-        spec = dict(spec)
-        if job.kind in ("niah", "babilong"):
-            spec["run_dir"] = stored[spec["run"]]["result"]["run_dir"]
-        if "init_from" in spec:  # a tune job starts from the lm job's weights
-            spec["set"] = {**spec["set"], "train.init_from": stored[spec["init_from"]]["result"]["run_dir"]}
         pending.append((job, spec))
     rank = {v: i for i, v in enumerate(RUN_ORDER)}
     pending.sort(key=lambda p: rank.get(p[1].get("variant", p[0].name), len(rank)))
@@ -519,11 +516,12 @@ def _run_stage(out: Path, plan: list[Job], stage: str, jobs_at_once: int, thread
 
 
 def _resolved_changed(job: Job, out: Path, stored: dict[str, dict]) -> bool:
-    """A hybrid ablation whose best hybrid changed since it ran."""
-    if job.key not in stored or job.spec.get("variant") != "best_hybrid":
+    """A job whose inputs changed since it ran: the best hybrid, or the run directory of the job it read (a tune run
+    trained again gives its S-NIAH and BABILong jobs another run to evaluate)."""
+    if job.key not in stored or not job.needs:
         return False
     spec = resolve_spec(job, out, stored)
-    return spec is not None and stored[job.key].get("resolved_spec", {}).get("variant") != spec["variant"]
+    return spec is not None and stored[job.key].get("resolved_spec") != spec
 
 
 def _run_mqar(out: Path, job: Job, jobs_at_once: int, threads: int, say) -> None:
