@@ -136,10 +136,10 @@ def test_untrained_memory_stays_alive_over_100k_tokens(depth):
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("chunk", [1, 16, 64])
 def test_largest_step_is_stable_at_any_chunk_size(depth, chunk):
-    """theta at its bound from the start: the chunk-normalised step keeps the memory bounded whatever the chunk size
-    (without normalize_chunk_lr, depth 1 diverges at chunk 64 and depth 2 at chunk 16)."""
+    """theta at its bound from the start (max_lr 0.5, twice the default): the chunk-normalised step keeps the memory
+    bounded whatever the chunk size (without normalize_chunk_lr, depth 1 diverges at chunk 64 and depth 2 at 16)."""
     torch.manual_seed(0)
-    layer = NeuralMemory(dim=64, memory_heads=2, memory_depth=depth, chunk_size=chunk, init_lr=0.49)
+    layer = NeuralMemory(dim=64, memory_heads=2, memory_depth=depth, chunk_size=chunk, max_lr=0.5, init_lr=0.49)
     state = None
     with torch.no_grad():
         for _ in range(4):

@@ -3,6 +3,7 @@ built from a fake stored result set (no training: a fake runner stands in for th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -59,6 +60,31 @@ def test_full_plan_is_budgeted_for_about_three_hours_on_two_cores():
     assert "| all | %d |" % len(plan) in table and "| lm | mac | mac | 1,024,000 |" in table
     quick = reproduce.build_plan(quick=True)
     assert {j.stage for j in quick} == set(reproduce.STAGES) and sum(j.cpu_s for j in quick) < 120
+
+
+def test_every_spec_names_the_defaults_it_runs_on(tmp_path, monkeypatch):
+    """A changed library default or LM config changes every job's spec: no stored result outlives the defaults its
+    numbers came from."""
+    import shutil
+
+    import titans.model
+
+    digest = reproduce.defaults_digest()
+    assert all(j.spec["defaults"] == digest for j in reproduce.build_plan() + reproduce.build_plan(quick=True))
+    shutil.copytree(reproduce.REPO_ROOT / "configs" / "lm" / "small", tmp_path / "configs" / "lm" / "small")
+    monkeypatch.setattr(reproduce, "REPO_ROOT", tmp_path)
+    assert reproduce.defaults_digest() == digest
+    mac = tmp_path / "configs" / "lm" / "small" / "mac.yaml"
+    mac.write_text(mac.read_text().replace("max_lr: ", "max_lr: 0.1 #"))
+    edited = reproduce.defaults_digest()
+    assert edited != digest and {j.spec["defaults"] for j in reproduce.build_plan()} == {edited}
+
+    @dataclasses.dataclass
+    class OtherDefaults(titans.model.TitansConfig):
+        init_decay: float = 0.5
+
+    monkeypatch.setattr(titans.model, "TitansConfig", OtherDefaults)
+    assert reproduce.defaults_digest() not in (digest, edited)
 
 
 def test_resume_reuses_stored_jobs_and_report_marks_pending(tmp_path, monkeypatch):

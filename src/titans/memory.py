@@ -76,7 +76,9 @@ class NeuralMemory(nn.Module):
         momentum / forgetting: ablation switches for eta (Eq. 10) and alpha (Eq. 13).
         memory_conv: the depthwise convolutions after the q, k, v projections (Section 4.4).
         max_lr: upper bound of the data-dependent step size theta. The inner loss has no 1/2, so for a linear memory
-            with unit keys theta = 0.5 is the delta rule with beta = 1: one token overwrites its association.
+            with unit keys theta = 0.5 would be the delta rule with beta = 1 (one token overwrites its association);
+            the default 0.25 (beta <= 0.5) is what MAC, the memory without convolution and the deep memories train
+            through (docs/memory.md).
             init_lr, init_momentum, init_decay: the gates' values at initialisation.
         normalize_chunk_lr: divide each token's theta by how many earlier tokens of its chunk its gradient piles onto
             (see `memory_scan`), so that one max_lr is stable at any chunk size; exact at chunk size 1.
@@ -96,8 +98,8 @@ class NeuralMemory(nn.Module):
                  memory_expansion: float = 2.0, chunk_size: int = 16, memory_activation: str = "silu",
                  memory_residual: bool = False, momentum: bool = True, forgetting: bool = True,
                  memory_conv: bool = True,
-                 conv_kernel: int = 4, max_lr: float = 0.5, init_lr: float = 0.25, init_momentum: float = 0.1,
-                 init_decay: float = 1e-4, max_grad_norm: float | None = 100.0, normalize_chunk_lr: bool = True,
+                 conv_kernel: int = 4, max_lr: float = 0.25, init_lr: float = 0.125, init_momentum: float = 0.1,
+                 init_decay: float = 5e-5, max_grad_norm: float | None = 100.0, normalize_chunk_lr: bool = True,
                  learn_initial_memory: bool = True, checkpoint_chunks: int | str = "auto",
                  compile_chunks: bool = False):
         super().__init__()

@@ -62,10 +62,10 @@ class TitansConfig:
     memory_conv: bool = True
     memory_activation: str = "silu"
     # the memory's step size theta, momentum eta and forgetting alpha (data-dependent gates, Section 3.1)
-    max_lr: float = 0.5  # theta <= max_lr; 0.5 with unit keys is a full delta-rule overwrite (inner loss has no 1/2)
-    init_lr: float = 0.25  # theta at initialisation
+    max_lr: float = 0.25  # theta <= max_lr (0.5, a full delta-rule overwrite, made MAC's training spike: docs/memory.md)
+    init_lr: float = 0.125  # theta at initialisation
     init_momentum: float = 0.1  # eta at initialisation (0.5 doubles the effective step: a deep memory diverged)
-    init_decay: float = 1e-4  # alpha at initialisation (1e-3 let deep memories decay to 0 over 100K tokens)
+    init_decay: float = 5e-5  # alpha at initialisation (depth-4 memories decayed to 0 over 100K tokens at 1e-4)
     normalize_chunk_lr: bool = True  # theta_j / (overlap of k_j with its chunk's earlier keys): stable at any chunk
     max_grad_norm: float | None = 100.0  # per-token surprise clipping (not in the paper): a divergence guard; null: off
     learn_initial_memory: bool = True  # M_0 (zero last layer) learned by the outer loop, or fixed

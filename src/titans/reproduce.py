@@ -7,7 +7,7 @@ result (config overrides, lengths, seeds...). Layout of ``--out`` (default ``run
     plan.json                       the plan's specs (an --out with another plan is refused unless --force)
     results/<stage>/<job>.json      one per finished job, written atomically: its spec, result, wall and CPU time
     <stage>/<job>-<digest>/         a training run directory (``titans train``'s layout; interrupted runs resume)
-    mqar/seed<N>/                   bench_mqar's results.json / .md / .png for one seed (resumes inside the seed)
+    mqar/seed<N>-<digest>/          bench_mqar's results.json / .md / .png for one seed (resumes inside the seed)
     eval/<stage>/<job>/             JSON and PNG written by titans.evaluate
     results.md, results/*.png       the report (``--quick``); the full plan writes docs/results.md and docs/results/
 
@@ -165,8 +165,25 @@ def _train_job(stage: str, name: str, b: Budget, variant: str, extra: dict | Non
                * b.lm_seq_len, label=label or variant)
 
 
+def defaults_digest() -> str:
+    """What every job's numbers come from besides its spec: the library's config defaults and the LM configs
+    (configs/lm/small). It is part of every job's spec, so that a changed default makes every stored result stale:
+    every number of the report comes from the defaults of the code that writes it."""
+    from titans.config import RunConfig
+    from titans.model import TitansConfig
+
+    texts = [json.dumps(dataclasses.asdict(RunConfig(model=TitansConfig())), sort_keys=True, default=str)]
+    texts += [p.read_text(encoding="utf-8") for p in sorted((REPO_ROOT / "configs" / "lm" / "small").glob("*.yaml"))]
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
+
+
 def build_plan(quick: bool = False) -> list[Job]:
-    """Every job of the plan, stage by stage (in STAGES order)."""
+    """Every job of the plan, stage by stage (in STAGES order), each spec naming the defaults it runs on."""
+    defaults = defaults_digest()
+    return [dataclasses.replace(job, spec={**job.spec, "defaults": defaults}) for job in _jobs(quick)]
+
+
+def _jobs(quick: bool) -> list[Job]:
     b = QUICK if quick else FULL
     jobs = [_train_job("lm", v, b, v) for v in b.lm_variants]
     for seed in b.mqar_seeds:
@@ -524,9 +541,15 @@ def _resolved_changed(job: Job, out: Path, stored: dict[str, dict]) -> bool:
     return spec is not None and stored[job.key].get("resolved_spec") != spec
 
 
+def mqar_dir(out: Path, job: Job) -> Path:
+    """An MQAR job's grid directory, named by its spec's digest like the run directories (a changed spec starts a new
+    grid beside the old one)."""
+    return out / "mqar" / f"{job.name}-{job.digest}"
+
+
 def _run_mqar(out: Path, job: Job, jobs_at_once: int, threads: int, say) -> None:
     bench = _bench_mqar()
-    seed_dir = out / "mqar" / job.name
+    seed_dir = mqar_dir(out, job)
     args = [*job.spec["args"], "--variants", *job.spec["variants"], "--out", str(seed_dir), "--resume",
             "--jobs", str(jobs_at_once), "--threads", str(threads)]
     say(f"   {job.key}: benchmarks/bench_mqar.py {' '.join(args)}")
@@ -743,7 +766,7 @@ def _mqar_runs(out: Path, plan) -> tuple[list[dict], dict | None, bool]:
     every seed, and whether any grid is unfinished."""
     runs, cfg, partial = [], None, False
     for job in (j for j in plan if j.stage == "mqar"):
-        data = read_json(out / "mqar" / job.name / "results.json")
+        data = read_json(mqar_dir(out, job) / "results.json")
         if not data:
             partial = partial or False
             continue
@@ -760,7 +783,7 @@ def _mqar_section(runs: list[dict], cfg: dict | None, partial: bool, fig_dir: Pa
     lines = ["", "## Associative recall: MQAR (the memory issue's benchmark)", ""]
     if not runs:
         return lines + ["Pending: no MQAR run stored yet (`benchmarks/bench_mqar.py`'s default grid, seeds 0, 1, 2; "
-                        "each seed's grid in `mqar/seed<N>/`). `docs/memory.md` has the seed-0 grid measured while "
+                        "each seed's grid in `mqar/seed<N>-<digest>/`). `docs/memory.md` has the seed-0 grid measured while "
                         "the memory's defaults were chosen."]
     bench = _bench_mqar()
     seen = {r["variant"] for r in runs}
