@@ -22,12 +22,9 @@ __all__ = ["Scores", "masked_loss_sum", "score_batch"]
 def masked_loss_sum(logits: Tensor, targets: Tensor, loss_mask: Tensor, loss_weight: Tensor | None = None) -> Tensor:
     """Sum of the cross-entropy (fp32) over the scored positions, each weighted by ``loss_weight`` when given."""
     targets = targets.masked_fill(~loss_mask, IGNORE_INDEX)
-    if loss_weight is None:
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                             reduction="none")
-    return (losses * loss_weight.flatten()).sum()
+                             reduction="sum" if loss_weight is None else "none")
+    return losses if loss_weight is None else (losses * loss_weight.flatten()).sum()
 
 
 @dataclass
