@@ -180,8 +180,9 @@ def _needle_report(run, out: Path, task: str | None, lengths: list[int], depths:
     lines = [header, *(f"{n:>14} " + " ".join(f"{a:>6.2f}" for a in row)
                        for n, row in zip(r["lengths"], r["accuracy"], strict=True))]
     title = f"{run.name}: needle grid ({r['task']}), {samples} samples per cell, mean accuracy {r['mean_accuracy']:.3f}"
-    for key, name, what in (("token_accuracy", "answer token accuracy", "answer tokens right (teacher-forced)"),
-                            ("generation", "generation score", "generation score (RULER string match of greedy output)")):
+    rows = (("token_accuracy", "answer token accuracy", "answer tokens right (teacher-forced)"),
+            ("generation", "generation score", "generation score (RULER string match of greedy output)"))
+    for key, name, what in rows:
         if key in r:  # RULER tasks
             title += f", mean {name} {r[f'mean_{key}']:.3f}"
             lines += [f"{what}:", header, *(f"{n:>14} " + " ".join(f"{a:>6.2f}" for a in row)
@@ -561,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "Run the plan of stages (lm: every variant at equal parameters and tokens; mqar: the MQAR grid, 3 "
                 "seeds; ablations: Table 5; depth: memory depth 1-4; seeds: lmm, mac, mag, mal with a further "
                 "seed; tune: the long-context models fine-tuned with S-NIAH and BABILong examples mixed in; niah: "
-                "S-NIAH 1/2/3 grids; babilong: qa1-qa5 by length) into OUT, storing every job's result as it finishes: run it again to resume. Then "
+                "S-NIAH 1/2/3 grids; babilong: qa1-qa5 by length) into OUT, storing every job's result as it "
+                "finishes: run it again to resume. Then "
                 "write the report (docs/results.md; with --quick OUT/results.md) from the stored results.")
     p.add_argument("--stages", nargs="+", metavar="STAGE",
                    help=f"stages to run (default: all): {' '.join(STAGES)}")

@@ -62,7 +62,7 @@ class TitansConfig:
     memory_conv: bool = True
     memory_activation: str = "silu"
     # the memory's step size theta, momentum eta and forgetting alpha (data-dependent gates, Section 3.1)
-    max_lr: float = 0.25  # theta <= max_lr (0.5, a full delta-rule overwrite, made MAC's training spike: docs/memory.md)
+    max_lr: float = 0.25  # theta <= max_lr (0.5, a full delta-rule overwrite, made MAC spike: docs/memory.md)
     init_lr: float = 0.125  # theta at initialisation
     init_momentum: float = 0.1  # eta at initialisation (0.5 doubles the effective step: a deep memory diverged)
     init_decay: float = 5e-5  # alpha at initialisation (depth-4 memories decayed to 0 over 100K tokens at 1e-4)

@@ -609,7 +609,7 @@ def write_report(out: Path, plan: Sequence[Job], report: Path, quick: bool = Fal
     fig_dir = report.parent / report.stem
     rel = lambda p: os.path.relpath(p, report.parent)  # noqa: E731
     sessions = (read_json(out / "sessions.json") or {}).get("sessions", [])
-    lm = {j.name: stored[j.key]["result"] for j in plan if j.stage == "lm" and j.key in stored}
+    lm = _stage_results(stored, plan, "lm")
     mqar_runs, mqar_cfg, mqar_partial = _mqar_runs(out, plan)
     status = {}
     for stage in STAGES:
@@ -783,7 +783,8 @@ def _mqar_section(runs: list[dict], cfg: dict | None, partial: bool, fig_dir: Pa
     lines = ["", "## Associative recall: MQAR (the memory issue's benchmark)", ""]
     if not runs:
         return lines + ["Pending: no MQAR run stored yet (`benchmarks/bench_mqar.py`'s default grid, seeds 0, 1, 2; "
-                        "each seed's grid in `mqar/seed<N>-<digest>/`). `docs/memory.md` has the seed-0 grid measured while "
+                        "each seed's grid in `mqar/seed<N>-<digest>/`). `docs/memory.md` has the seed-0 grid measured "
+                        "while "
                         "the memory's defaults were chosen."]
     bench = _bench_mqar()
     seen = {r["variant"] for r in runs}
@@ -886,9 +887,14 @@ def _depth_section(stored, plan, lm, fig_dir: Path, rel) -> list[str]:
     return lines + ["", f"![memory depth]({rel(fig_dir / 'depth.png')})"]
 
 
+def _stage_results(stored, plan, stage: str) -> dict[str, dict]:
+    """The stored results of a stage's jobs, by job name, in plan order."""
+    return {j.name: stored[j.key]["result"] for j in plan if j.stage == stage and j.key in stored}
+
+
 def _tune_section(stored, plan, lm: dict, b: Budget) -> list[str]:
     lines = ["", "## Fine-tuning for S-NIAH and BABILong (the tune stage)", ""]
-    res = {j.name: stored[j.key]["result"] for j in plan if j.stage == "tune" and j.key in stored}
+    res = _stage_results(stored, plan, "tune")
     if not res:
         return lines + ["Pending: the lm stage's models fine-tuned with S-NIAH and BABILong examples mixed in."]
     lines += [f"Each lm stage model, {b.tune_steps} more steps of {b.lm_batch} x {b.tune_seq_len} tokens "
@@ -906,7 +912,7 @@ def _tune_section(stored, plan, lm: dict, b: Budget) -> list[str]:
 
 def _niah_section(stored, plan, fig_dir: Path, rel) -> list[str]:
     lines = ["", "## Needle in a haystack: S-NIAH-1/2/3 (Table 2)", ""]
-    res = {j.name: stored[j.key]["result"] for j in plan if j.stage == "niah" and j.key in stored}
+    res = _stage_results(stored, plan, "niah")
     if not res:
         return lines + ["Pending: the S-NIAH grids of the tune stage's models."]
     from titans.plots import plot_heatmap_panels
@@ -940,7 +946,7 @@ def _niah_section(stored, plan, fig_dir: Path, rel) -> list[str]:
 
 def _babilong_section(stored, plan, fig_dir: Path, rel) -> list[str]:
     lines = ["", "## BABILong qa1-qa5 by length (Figure 6)", ""]
-    res = {j.name: stored[j.key]["result"] for j in plan if j.stage == "babilong" and j.key in stored}
+    res = _stage_results(stored, plan, "babilong")
     if not res:
         return lines + ["Pending: BABILong qa1-qa5 of the tune stage's memory variants against swa and transformer."]
     from titans.plots import plot_lines
@@ -1033,7 +1039,7 @@ def _discussion(lm, stored, plan, mqar_runs, mqar_cfg) -> list[str]:
 def _long_context_findings(stored, plan) -> list[str]:
     """What the S-NIAH and BABILong results say, computed from them."""
     lines = []
-    niah = {j.name: stored[j.key]["result"] for j in plan if j.stage == "niah" and j.key in stored}
+    niah = _stage_results(stored, plan, "niah")
     if niah:
         best = max(statistics.fmean(row) for r in niah.values() for g in r["grids"].values() for row in g["accuracy"])
         tokens = {n: statistics.fmean(statistics.fmean(g["token_accuracy"][0]) for g in r["grids"].values())
@@ -1042,7 +1048,7 @@ def _long_context_findings(stored, plan) -> list[str]:
                      f"{100 * best:.0f}%." + (f" Answer tokens right at the shortest length, mean over the three "
                      "tasks: " + ", ".join(f"{n} {100 * a:.0f}%" for n, a in sorted(tokens.items(), key=lambda x:
                                                                                     -x[1])) + "." if tokens else ""))
-    babilong = {j.name: stored[j.key]["result"] for j in plan if j.stage == "babilong" and j.key in stored}
+    babilong = _stage_results(stored, plan, "babilong")
     if babilong:
         means = {n: statistics.fmean(v for t in r["by_task"].values() for v in t.values()) for n, r in babilong.items()}
         lines.append("  - BABILong, mean over tasks and lengths: " + ", ".join(
