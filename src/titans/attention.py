@@ -108,6 +108,17 @@ class AttentionState:
         return AttentionState(self.keys.detach(), self.values.detach(), self.offset)
 
 
+@dataclass
+class AttentionDecodeState:
+    """An `AttentionState` in fixed shapes, for `CausalSelfAttention.decode_step`: the cache is a ring of `slots`
+    positions, position t at slot t % slots (window - 1 slots for sliding-window attention, room for every token to
+    come for full attention), so that decoding writes one slot and never changes a shape."""
+
+    keys: Tensor  # (B, heads, slots, head_dim), rotated
+    values: Tensor
+    offset: Tensor  # 0-d int64: the absolute position of the next token
+
+
 def attention_mask(
     num_queries: int, num_past: int, window: int | None, num_persistent: int, device: torch.device | None = None
 ) -> Tensor:
@@ -288,6 +299,46 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         y = self.out_dropout(self.out(y.transpose(1, 2).flatten(2)))
         return y, AttentionState(cached_k, cached_v, state.offset + 1)
+
+    def _slots(self, capacity: int) -> int:
+        return capacity if self.window is None else max(self.window - 1, 1)
+
+    def decode_state(self, state: AttentionState, capacity: int) -> AttentionDecodeState:
+        """`state` as a ring cache; capacity: the most tokens the sequence will hold (full attention's slots)."""
+        slots, cached = self._slots(capacity), state.keys.size(2)
+        if state.offset > capacity:
+            raise ValueError(f"the state holds {state.offset} tokens, more than the capacity {capacity}")
+        at = torch.arange(state.offset - cached, state.offset, device=state.keys.device) % slots
+        ring = lambda cache: cache.new_zeros(*cache.shape[:2], slots, cache.size(3)).index_copy_(2, at, cache)  # noqa
+        return AttentionDecodeState(ring(state.keys), ring(state.values),
+                                    torch.tensor(state.offset, device=state.keys.device))
+
+    def decode_step(self, x: Tensor, state: AttentionDecodeState,
+                    prefix: Tensor | None = None) -> tuple[Tensor, AttentionDecodeState]:
+        """`step` on a `decode_state`: the query sees the filled slots (the window - 1 previous positions once the
+        ring is full), its own token and the persistent tokens; the token's key and value then take its slot."""
+        q, (k, v) = self.queries(x, state.offset), self.keys_values(x, state.offset)
+        slots = state.keys.size(2)
+        filled = torch.arange(slots, device=x.device) < state.offset
+        if self.window == 1:  # the token sees itself alone
+            filled = torch.zeros_like(filled)
+        keys, values = torch.cat((state.keys, k), dim=2), torch.cat((state.values, v), dim=2)
+        mask = torch.cat((filled, filled.new_ones(1)))
+        pk, pv = self._persistent_keys_values(x.size(0), prefix)
+        if pk is not None:
+            keys, values = torch.cat((pk, keys), dim=2), torch.cat((pv, values), dim=2)
+            mask = torch.cat((mask.new_ones(pk.size(2)), mask))
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[None])
+        slot = (state.offset % slots).reshape(1)
+        return self.out(y.transpose(1, 2).flatten(2)), AttentionDecodeState(
+            state.keys.index_copy(2, slot, k), state.values.index_copy(2, slot, v), state.offset + 1)
+
+    def state_from_decode(self, state: AttentionDecodeState) -> AttentionState:
+        """The `step` state equal to a `decode_state`: the cached positions in order."""
+        offset, slots = int(state.offset), state.keys.size(2)
+        cached = offset if self.window is None else min(self.window - 1, offset)
+        at = torch.arange(offset - cached, offset, device=state.keys.device) % slots
+        return AttentionState(state.keys.index_select(2, at), state.values.index_select(2, at), offset)
 
     def forward(self, x: Tensor, state: AttentionState | None = None,
                 prefix: Tensor | None = None) -> tuple[Tensor, AttentionState]:

@@ -110,6 +110,16 @@ class DeltaNet(nn.Module):
             raise ValueError(f"DeltaNet.step reads one token, got x of shape {tuple(x.shape)}")
         return self._mix(x, state, step=True)
 
+    # Fixed-shape decoding (`titans.decoding`): the state (S and the convolution tails) never changes shape.
+    def decode_state(self, state: DeltaNetState, capacity: int) -> DeltaNetState:
+        return state
+
+    def decode_step(self, x: Tensor, state: DeltaNetState) -> tuple[Tensor, DeltaNetState]:
+        return self.step(x, state)
+
+    def state_from_decode(self, state: DeltaNetState) -> DeltaNetState:
+        return state
+
     def _mix(self, x: Tensor, state: DeltaNetState | None, step: bool) -> tuple[Tensor, DeltaNetState]:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"DeltaNet expects input of shape (batch, time, {self.dim}), got {tuple(x.shape)}")

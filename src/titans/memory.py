@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import MemoryState, MLPMemory, Params, current_weights, memory_scan, memory_step, surprise_norms
+from .ops.memory_decode import decode_state, decode_step, memory_state
 from .ops.memory_scan import checkpoint_group
 
 
@@ -200,16 +201,38 @@ class NeuralMemory(nn.Module):
 
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
         """Store every token of x in the memory and read it back: token t reads M_t, after its own update."""
-        return self._store(x, state, step=False)
+        return self._store(x, state)
 
     def step(self, x: Tensor, state: NeuralMemoryState | None) -> tuple[Tensor, NeuralMemoryState]:
         """`forward` of one token x (B, 1, dim), for decoding: the memory op is `memory_step` (the token joins the
         partial chunk and reads with its row's closed form) instead of the chunked scan."""
         if x.shape[1] != 1:
             raise ValueError(f"NeuralMemory.step reads one token, got x of shape {tuple(x.shape)}")
-        return self._store(x, state, step=True)
+        return self._store(x, state, lambda k, v, q, lr, momentum, decay, memory: memory_step(
+            self.memory, k, v, q, lr, momentum, decay, self.chunk_size, memory, max_grad_norm=self.max_grad_norm,
+            normalize_chunk_lr=self.normalize_chunk_lr))
 
-    def _store(self, x: Tensor, state: NeuralMemoryState | None, step: bool) -> tuple[Tensor, NeuralMemoryState]:
+    # ------------------------------------------------------------------------------------------------ fixed shapes
+
+    def decode_state(self, state: NeuralMemoryState) -> NeuralMemoryState:
+        """`state` (after at least one token) with its memory in fixed shapes (`MemoryDecodeState`), for
+        `decode_step` (`titans.decoding`)."""
+        memory = decode_state(self.memory, state.memory, self.chunk_size, self.max_grad_norm, self.normalize_chunk_lr,
+                              self.to_momentum is not None, self.to_decay is not None)
+        return NeuralMemoryState(memory, dict(state.conv))
+
+    def decode_step(self, x: Tensor, state: NeuralMemoryState) -> tuple[Tensor, NeuralMemoryState]:
+        """`step` on a `decode_state`: every tensor keeps its shape, so one compiled graph serves every token."""
+        return self._store(x, state, lambda k, v, q, lr, momentum, decay, memory: decode_step(
+            self.memory, k, v, q, lr, momentum, decay, memory, self.max_grad_norm, self.normalize_chunk_lr))
+
+    def state_from_decode(self, state: NeuralMemoryState) -> NeuralMemoryState:
+        """The `step` state equal to a `decode_state`."""
+        return NeuralMemoryState(memory_state(state.memory, self.normalize_chunk_lr), dict(state.conv))
+
+    def _store(self, x: Tensor, state: NeuralMemoryState | None, op=None) -> tuple[Tensor, NeuralMemoryState]:
+        """Project x, run the memory op (default: the chunked scan; `op(k, v, q, lr, momentum, decay, memory_state)`
+        otherwise) and project its retrievals out."""
         dtype, state = self._begin(x, state)
         if x.shape[1] == 0:  # an empty piece: nothing to store or read
             return x.new_zeros(x.shape), state
@@ -219,10 +242,8 @@ class NeuralMemory(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
             k, v, q, lr, momentum, decay = (cast(t) for t in (k, v, q, lr, gates[1], gates[2]))
-            if step:
-                retrieved, state.memory = memory_step(
-                    self.memory, k, v, q, lr, momentum, decay, self.chunk_size, state.memory,
-                    max_grad_norm=self.max_grad_norm, normalize_chunk_lr=self.normalize_chunk_lr)
+            if op is not None:
+                retrieved, state.memory = op(k, v, q, lr, momentum, decay, state.memory)
             else:
                 retrieved, state.memory = memory_scan(
                     self.memory, state.memory.weights, k, v, q, lr, momentum, decay, self.chunk_size,
@@ -248,15 +269,16 @@ class NeuralMemory(nn.Module):
                        alpha=zero if gates[2] is None else gates[2], surprise=surprise, clip=clip)
         return {name: t.reshape(x.shape[0], self.heads, x.shape[1]) for name, t in by_head.items()}
 
-    def retrieve(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
-        """Read the memory with queries from x without storing anything (M* in the paper). Only the read path's
-        convolution tail advances."""
+    def retrieve(self, x: Tensor, state: NeuralMemoryState | None = None,
+                 weights: Params | None = None) -> tuple[Tensor, NeuralMemoryState]:
+        """Read the memory with queries from x without storing anything (M* in the paper): with `weights` (per
+        (batch, head) row), else the state's current ones. Only the read path's convolution tail advances."""
         dtype, state = self._begin(x, state)
         if x.shape[1] == 0:
             return x.new_zeros(x.shape), state
         q = self._project(x, "q", state, "retrieve_q")
         with torch.autocast(device_type=x.device.type, enabled=False):
-            retrieved = self.memory(self.weights(state), q.to(dtype))
+            retrieved = self.memory(self.weights(state) if weights is None else weights, q.to(dtype))
         return self._output(retrieved, x), state
 
     def associations(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,9 @@
 """The sequence mixers of Titans (paper Section 4): MAC, MAG, MAL, LMM, the gate of MAC and MAG, and the attention
 baselines' wrapper.
 
-Every mixer maps (B, T, dim) -> (B, T, dim) and carries a streaming state: `forward(x, state) -> (y, state)`.
+Every mixer maps (B, T, dim) -> (B, T, dim) and carries a streaming state: `forward(x, state) -> (y, state)`;
+`step` reads one token. For fast decoding (`titans.decoding`) each also turns its state into fixed shapes
+(`decode_state(state, capacity)`), reads a token on it (`decode_step`) and turns it back (`state_from_decode`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 
 from .attention import AttentionState, CausalSelfAttention, persistent_tokens, prepend_persistent
 from .memory import NeuralMemory, NeuralMemoryState
-from .ops import MemoryState
+from .ops import MemoryState, current_weights
 
 
 class MemoryGate(nn.Module):
@@ -65,6 +67,15 @@ class AttentionMixer(nn.Module):
     def step(self, x: Tensor, state: AttentionState):
         return self.attention.step(x, state)
 
+    def decode_state(self, state: AttentionState, capacity: int):
+        return self.attention.decode_state(state, capacity)
+
+    def decode_step(self, x: Tensor, state):
+        return self.attention.decode_step(x, state)
+
+    def state_from_decode(self, state) -> AttentionState:
+        return self.attention.state_from_decode(state)
+
 
 class MemoryMixer(nn.Module):
     """`lmm`: the neural memory alone (Section 4.3), reading the persistent tokens first (Section 3.3)."""
@@ -81,6 +92,15 @@ class MemoryMixer(nn.Module):
     def step(self, x: Tensor, state: NeuralMemoryState):
         """`forward` of one token (B, 1, dim) continuing `state` (the persistent tokens were read at its start)."""
         return self.memory.step(x, state)
+
+    def decode_state(self, state: NeuralMemoryState, capacity: int) -> NeuralMemoryState:
+        return self.memory.decode_state(state)
+
+    def decode_step(self, x: Tensor, state: NeuralMemoryState):
+        return self.memory.decode_step(x, state)
+
+    def state_from_decode(self, state: NeuralMemoryState) -> NeuralMemoryState:
+        return self.memory.state_from_decode(state)
 
 
 @dataclass
@@ -111,6 +131,19 @@ class MAGMixer(nn.Module):
         y, attention_state = self.attention.step(x, state.attention)
         m, memory_state = self.memory.step(x, state.memory)
         return self.gate(y, m), GateMixerState(attention_state, memory_state)
+
+    def decode_state(self, state: GateMixerState, capacity: int) -> GateMixerState:
+        return GateMixerState(self.attention.decode_state(state.attention, capacity),
+                              self.memory.decode_state(state.memory))
+
+    def decode_step(self, x: Tensor, state: GateMixerState):
+        y, attention_state = self.attention.decode_step(x, state.attention)
+        m, memory_state = self.memory.decode_step(x, state.memory)
+        return self.gate(y, m), GateMixerState(attention_state, memory_state)
+
+    def state_from_decode(self, state: GateMixerState) -> GateMixerState:
+        return GateMixerState(self.attention.state_from_decode(state.attention),
+                              self.memory.state_from_decode(state.memory))
 
 
 @dataclass
@@ -173,6 +206,19 @@ class MALMixer(nn.Module):
         m, memory_state = self.memory.step(x, state.memory)
         o, attention_state = self.attention.step(x + self._read(m), state.attention, prefix=state.prefix)
         return m + o, MALState(attention_state, memory_state, state.prefix)
+
+    def decode_state(self, state: MALState, capacity: int) -> MALState:
+        return MALState(self.attention.decode_state(state.attention, capacity), self.memory.decode_state(state.memory),
+                        state.prefix)
+
+    def decode_step(self, x: Tensor, state: MALState):
+        m, memory_state = self.memory.decode_step(x, state.memory)
+        o, attention_state = self.attention.decode_step(x + self._read(m), state.attention, prefix=state.prefix)
+        return m + o, MALState(attention_state, memory_state, state.prefix)
+
+    def state_from_decode(self, state: MALState) -> MALState:
+        return MALState(self.attention.state_from_decode(state.attention),
+                        self.memory.state_from_decode(state.memory), state.prefix)
 
 
 @dataclass
@@ -262,3 +308,53 @@ class MACMixer(nn.Module):
     def step(self, x: Tensor, state: MACState):
         """`forward` of one token (B, 1, dim) continuing `state`: the memory stores it with `NeuralMemory.step`."""
         return self._segment_piece(x, state, store=self.memory.step)
+
+    def decode_state(self, state: MACState, capacity: int) -> MACDecodeState:
+        m = self.memory
+        segment = current_weights(m.memory, state.segment_memory, m.max_grad_norm, m.normalize_chunk_lr)
+        ring = lambda cache: F.pad(cache, (0, 0, 0, self.segment_len - state.filled))  # noqa: E731
+        return MACDecodeState(m.decode_state(state.memory), dict(segment), ring(state.keys), ring(state.values),
+                              torch.tensor(state.filled, device=state.keys.device))
+
+    def decode_step(self, x: Tensor, state: MACDecodeState):
+        """`step` on a `decode_state`: the segment's keys sit in a buffer of segment_len slots, visible up to the
+        token's own; at the segment's end the memory's weights now become the ones the next segment reads."""
+        start = state.filled
+        h, reader = self.memory.retrieve(x, NeuralMemoryState(state.memory.memory, state.memory.conv),
+                                         weights=state.segment_weights)
+        attention = self.attention
+        q = attention.queries(x, start)
+        k, v = zip(attention.keys_values(h, start), attention.keys_values(x, start))
+        at = start.reshape(1)
+        keys = state.keys.index_copy(3, at, torch.stack(k, dim=2))
+        values = state.values.index_copy(3, at, torch.stack(v, dim=2))
+        visible = torch.arange(self.segment_len, device=x.device) <= start
+        y = attention.attend(q, keys.flatten(2, 3), values.flatten(2, 3), torch.cat([visible, visible])[None])
+        z = F.rms_norm(x + y, (self.dim,))
+        m, memory_state = self.memory.decode_step(z, NeuralMemoryState(state.memory.memory, reader.conv))
+        complete = start == self.segment_len - 1
+        segment = {k: torch.where(complete, w, state.segment_weights[k])
+                   for k, w in memory_state.memory.weights_now.items()}
+        return self.gate(y, m), MACDecodeState(memory_state, segment, keys, values,
+                                               torch.where(complete, torch.zeros_like(start), start + 1))
+
+    def state_from_decode(self, state: MACDecodeState) -> MACState:
+        """The `step` state equal to a `decode_state`; its segment memory holds the weights the segment reads (as a
+        state without momentum or pending tokens: reads see the same memory)."""
+        filled = int(state.filled)
+        segment = MemoryState(dict(state.segment_weights),
+                              {k: torch.zeros_like(w) for k, w in state.segment_weights.items()})
+        return MACState(self.memory.state_from_decode(state.memory), segment, state.keys[:, :, :, :filled],
+                        state.values[:, :, :, :filled])
+
+
+@dataclass
+class MACDecodeState:
+    """A `MACState` in fixed shapes: the memory's `decode_state`, the weights the segment reads, the segment's keys
+    and values in buffers of segment_len slots, and how many are filled (0-d int64)."""
+
+    memory: NeuralMemoryState
+    segment_weights: dict[str, Tensor]
+    keys: Tensor  # (B, heads, 2, segment_len, head_dim)
+    values: Tensor
+    filled: Tensor

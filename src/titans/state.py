@@ -39,20 +39,23 @@ STATE_CLASSES: dict[str, type] = {cls.__name__: cls for cls in (
     PendingTokens, TTTInnerState, TTTPending)}
 
 
-def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor], _done: dict[int, Tensor] | None = None) -> Any:
+def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor], keep_shared: bool = True,
+                _done: dict[int, Tensor] | None = None) -> Any:
     """`obj` (a layer state: dataclasses, dicts, lists, tensors, numbers, None) with `fn` applied to every tensor;
-    a tensor that two parts share stays shared (MAC's segment memory is its memory at the segment's start)."""
+    a tensor that two parts share stays shared (MAC's segment memory is its memory at the segment's start), unless
+    keep_shared is False: then `fn` sees every occurrence."""
     done = {} if _done is None else _done
     if isinstance(obj, Tensor):
-        if id(obj) not in done:
+        if id(obj) not in done or not keep_shared:
             done[id(obj)] = fn(obj)
         return done[id(obj)]
+    recurse = lambda x: map_tensors(x, fn, keep_shared, done)  # noqa: E731
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return type(obj)(**{f.name: map_tensors(getattr(obj, f.name), fn, done) for f in dataclasses.fields(obj)})
+        return type(obj)(**{f.name: recurse(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
     if isinstance(obj, dict):
-        return {k: map_tensors(v, fn, done) for k, v in obj.items()}
+        return {k: recurse(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(map_tensors(v, fn, done) for v in obj)
+        return type(obj)(recurse(v) for v in obj)
     return obj
 
 
