@@ -70,10 +70,12 @@ def test_begin_takes_a_state_that_step_made(variant):
     assert torch.allclose(torch.cat(outs, 1), whole[:, 27:], rtol=0, atol=1e-10)
 
 
-def test_compiled_generation_equals_eager_and_compiles_once():
+@pytest.mark.parametrize("variant", ["mac", "mal"])
+def test_compiled_generation_equals_eager_and_compiles_once(variant):
     """generate(compile=True): the greedy tokens of eager decoding, a returned state that continues alike, one graph
-    for every token and for a second generation of another length (same capacity)."""
-    model = tiny("mac", dtype=torch.float32)
+    for every token and for a second generation of another prompt and length (same capacity; MAL's prefix passes
+    through the graph unchanged, which must not make its identity part of the graph's guards)."""
+    model = tiny(variant, dtype=torch.float32)
     prompt = torch.randint(0, 32, (2, 11))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

@@ -111,8 +111,8 @@ class AttentionState:
 @dataclass
 class AttentionDecodeState:
     """An `AttentionState` in fixed shapes, for `CausalSelfAttention.decode_step`: the cache is a ring of `slots`
-    positions, position t at slot t % slots (window - 1 slots for sliding-window attention, room for every token to
-    come for full attention), so that decoding writes one slot and never changes a shape."""
+    positions, position t at slot t % slots (window slots for sliding-window attention, room for every token to come
+    for full attention), so that decoding writes one slot and never changes a shape."""
 
     keys: Tensor  # (B, heads, slots, head_dim), rotated
     values: Tensor
@@ -301,7 +301,7 @@ class CausalSelfAttention(nn.Module):
         return y, AttentionState(cached_k, cached_v, state.offset + 1)
 
     def _slots(self, capacity: int) -> int:
-        return capacity if self.window is None else max(self.window - 1, 1)
+        return capacity if self.window is None else self.window
 
     def decode_state(self, state: AttentionState, capacity: int) -> AttentionDecodeState:
         """`state` as a ring cache; capacity: the most tokens the sequence will hold (full attention's slots)."""
@@ -315,23 +315,21 @@ class CausalSelfAttention(nn.Module):
 
     def decode_step(self, x: Tensor, state: AttentionDecodeState,
                     prefix: Tensor | None = None) -> tuple[Tensor, AttentionDecodeState]:
-        """`step` on a `decode_state`: the query sees the filled slots (the window - 1 previous positions once the
-        ring is full), its own token and the persistent tokens; the token's key and value then take its slot."""
+        """`step` on a `decode_state`: the token's key and value take its slot, in place (continue from the returned
+        state only: a copy of the cache per token would cost O(slots)), overwriting the one position that has just
+        left the window; the query then sees the filled slots (the whole ring once full) and the persistent tokens."""
         q, (k, v) = self.queries(x, state.offset), self.keys_values(x, state.offset)
         slots = state.keys.size(2)
-        filled = torch.arange(slots, device=x.device) < state.offset
-        if self.window == 1:  # the token sees itself alone
-            filled = torch.zeros_like(filled)
-        keys, values = torch.cat((state.keys, k), dim=2), torch.cat((state.values, v), dim=2)
-        mask = torch.cat((filled, filled.new_ones(1)))
+        slot = (state.offset % slots).reshape(1)
+        keys, values = state.keys.index_copy_(2, slot, k), state.values.index_copy_(2, slot, v)
+        mask = torch.arange(slots, device=x.device) <= state.offset
         pk, pv = self._persistent_keys_values(x.size(0), prefix)
         if pk is not None:
             keys, values = torch.cat((pk, keys), dim=2), torch.cat((pv, values), dim=2)
             mask = torch.cat((mask.new_ones(pk.size(2)), mask))
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[None])
-        slot = (state.offset % slots).reshape(1)
-        return self.out(y.transpose(1, 2).flatten(2)), AttentionDecodeState(
-            state.keys.index_copy(2, slot, k), state.values.index_copy(2, slot, v), state.offset + 1)
+        return self.out(y.transpose(1, 2).flatten(2)), AttentionDecodeState(state.keys, state.values,
+                                                                            state.offset + 1)
 
     def state_from_decode(self, state: AttentionDecodeState) -> AttentionState:
         """The `step` state equal to a `decode_state`: the cached positions in order."""

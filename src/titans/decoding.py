@@ -4,7 +4,7 @@
 600 for a 2-layer MAC, 7-10 us each), while a prompt shares each op across all its tokens. A compiled graph fuses
 them, but `step`'s states grow by a token per call (the memory's partial chunk, a KV cache), so each call would be a
 new graph. Here every mixer turns its state into fixed shapes (`decode_state`: the memory's partial chunk in buffers of
-chunk_size rows, attention caches as rings of window - 1 slots, or of `capacity` slots for full attention, MAC's
+chunk_size rows, attention caches as rings of window slots, or of `capacity` slots for full attention, MAC's
 segment in segment_len slots) and reads a token on it (`decode_step`), positions being tensors: one graph, compiled
 once by inductor (with its C++ wrapper, which cuts the per-kernel cost of calling them from Python), serves a whole
 generation. Its results equal `step`'s up to rounding; `state_from_decode` gives the `step` state back, so a
@@ -72,7 +72,7 @@ class Decoder:
         x = model.embed(tokens)
         for block, layer in zip(model.blocks, layers):
             x, layer = block(x, layer, "decode_step")
-            new_layers.append(map_tensors(layer, _standard_strides))
+            new_layers.append(map_tensors(layer, _standard_strides, keep_shared=False))
         return model.head(model.norm(x)), new_layers
 
     def begin(self, state: "TitansState", capacity: int) -> DecodeState:
@@ -91,7 +91,8 @@ class Decoder:
         return DecodeState(map_tensors(layers, own, keep_shared=False), state.position, capacity)
 
     def step(self, tokens: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
-        """Logits (B, 1, vocab_size) of tokens (B, 1) and the state after them."""
+        """Logits (B, 1, vocab_size) of tokens (B, 1) and the state after them. The attention caches of `state` are
+        written in place: continue from the returned state only."""
         if state.position >= state.capacity:
             raise ValueError(f"the decode state is full ({state.capacity} tokens): begin again with a larger capacity")
         logits, layers = self._token(tokens, state.layers)

@@ -92,7 +92,7 @@ class NeuralMemory(nn.Module):
             size 16, off from 16 up), so that small chunks train in about the memory of large ones (live tensors;
             glibc < 2.38's allocator keeps more resident: benchmarks/NOTES.md).
         compile_chunks: run the memory op's chunk step through torch.compile (`memory_scan`): faster training and
-            prefill after a one-off compilation; decoding (`step`) stays eager.
+            prefill after a one-off compilation; decoding (`step`) stays eager (`titans.decoding` compiles it).
     """
 
     def __init__(self, dim: int, memory_heads: int = 4, head_dim: int | None = None, memory_depth: int = 2,

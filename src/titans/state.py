@@ -46,7 +46,9 @@ def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor], keep_shared: bool = Tr
     keep_shared is False: then `fn` sees every occurrence."""
     done = {} if _done is None else _done
     if isinstance(obj, Tensor):
-        if id(obj) not in done or not keep_shared:
+        if not keep_shared:  # no id(): under torch.compile it would guard on the tensor's identity
+            return fn(obj)
+        if id(obj) not in done:
             done[id(obj)] = fn(obj)
         return done[id(obj)]
     recurse = lambda x: map_tensors(x, fn, keep_shared, done)  # noqa: E731
