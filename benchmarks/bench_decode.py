@@ -42,12 +42,6 @@ def measure(args: argparse.Namespace, variant: str) -> dict:
     model = TitansLM(preset(args.preset, variant, **overrides(args.set))).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len))
     prefill, decode, compiled, compile_s, same = [], [], [], None, True
-    with_compiled = args.compile
-    if with_compiled:
-        try:
-            model.decoder()
-        except ValueError:  # a variant without fixed-shape decoding (ttt): its row shows eager decoding alone
-            with_compiled = False
     with torch.inference_mode():
         for i in range(args.repeats + 1):  # the first pass warms up (and compiles)
             start = time.perf_counter()
@@ -56,7 +50,7 @@ def measure(args: argparse.Namespace, variant: str) -> dict:
             start = time.perf_counter()
             tokens = model.generate(prompt[:, -1:], args.new_tokens, state=state)
             decode_s = time.perf_counter() - start
-            if with_compiled:
+            if args.compile:
                 start = time.perf_counter()
                 same &= torch.equal(model.generate(prompt[:, -1:], args.new_tokens, state=state, compile=True), tokens)
                 compiled_s = time.perf_counter() - start
@@ -68,7 +62,7 @@ def measure(args: argparse.Namespace, variant: str) -> dict:
                 prefill.append((args.prompt_len - 1) / prefill_s)
                 decode.append(args.new_tokens / decode_s)
     out = {"prefill": statistics.median(prefill), "decode": statistics.median(decode), "tokens": tokens[0, 1:].tolist()}
-    if with_compiled:
+    if args.compile:
         out |= {"compiled": statistics.median(compiled), "compile_s": compile_s, "compiled_same_tokens": same}
     return out
 
@@ -148,7 +142,7 @@ def main() -> int:
             summary[variant] |= {"ref_prefill_tok_s": med(variant, "ref", "prefill"), "ref_decode_tok_s": ref,
                                  "same_tokens": same}
             line += f"{ref:>12.0f}{decode / ref:>9.1f}x{'yes' if same else 'NO':>13}"
-        if args.compile and "compiled" in runs[variant]["this"][0]:
+        if args.compile:
             fast = med(variant, "this", "compiled")
             same = all(r["compiled_same_tokens"] for r in runs[variant]["this"])
             summary[variant] |= {"compiled_decode_tok_s": fast, "compiled_ratio": fast / prefill,

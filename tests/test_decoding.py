@@ -9,8 +9,6 @@ from titans.decoding import Decoder, DecodeState, capacity_for
 from titans.model import VARIANTS, TitansLM, preset
 from titans.state import map_tensors
 
-FIXED_SHAPE_VARIANTS = [v for v in VARIANTS if v != "ttt"]
-
 
 def tiny(variant, dtype=torch.float64, **kw):
     torch.manual_seed(0)
@@ -23,7 +21,7 @@ def shapes(state: DecodeState) -> list:
     return found
 
 
-@pytest.mark.parametrize("variant", FIXED_SHAPE_VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_fixed_shape_decoding_equals_chunked_forward(variant):
     """From a 3-token prompt (a partial memory chunk that memory_scan left, without running weights) over 40 tokens
     that cross memory chunk (8), window and segment (16) boundaries: the logits of one chunked forward call, shapes
@@ -51,9 +49,10 @@ def test_fixed_shape_decoding_equals_chunked_forward(variant):
     assert state.position == 43
 
 
-@pytest.mark.parametrize("variant", ["swa", "mac"])
+@pytest.mark.parametrize("variant", ["swa", "mac", "ttt"])
 def test_begin_takes_a_state_that_step_made(variant):
-    """A state left by `step` mid-chunk (running weights carried) and with a full sliding window."""
+    """A state left by `step` mid-chunk (running weights carried; TTT's pending mini-batch) and with a full sliding
+    window."""
     model = tiny(variant)
     tokens = torch.randint(0, 32, (1, 40))
     whole, _ = model(tokens)
@@ -90,9 +89,6 @@ def test_compiled_generation_equals_eager_and_compiles_once(variant):
 
 
 def test_refusals_are_one_line():
-    model = tiny("ttt")
-    with pytest.raises(ValueError, match="the ttt variant has no fixed-shape decoding .*compile=False"):
-        model.generate(torch.randint(0, 32, (1, 4)), 3, compile=True)
     decoder = Decoder(tiny("lmm"), compile=False)
     with pytest.raises(ValueError, match="at least one token"):
         decoder.begin(decoder.model(torch.zeros(1, 0, dtype=torch.long))[1], capacity=8)

@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokens to OUT (safetensors)")
     p.add_argument("--compile", action="store_true", help="decode with one compiled fixed-shape graph "
                    "(titans.decoding): several times faster per token after about a minute of compilation; pays "
-                   "for long generations (not for ttt)")
+                   "for long generations")
     _add_device(p)
     p.set_defaults(func=_generate)
 

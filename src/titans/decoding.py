@@ -3,13 +3,12 @@
 `TitansLM.step` costs O(1) per token, but in eager PyTorch a token of a small model is hundreds of small ops (about
 600 for a 2-layer MAC, 7-10 us each), while a prompt shares each op across all its tokens. A compiled graph fuses
 them, but `step`'s states grow by a token per call (the memory's partial chunk, a KV cache), so each call would be a
-new graph. Here every mixer turns its state into fixed shapes (`decode_state`: the memory's partial chunk in buffers of
-chunk_size rows, attention caches as rings of window slots, or of `capacity` slots for full attention, MAC's
-segment in segment_len slots) and reads a token on it (`decode_step`), positions being tensors: one graph, compiled
-once by inductor (with its C++ wrapper, which cuts the per-kernel cost of calling them from Python), serves a whole
-generation. Its results equal `step`'s up to rounding; `state_from_decode` gives the `step` state back, so a
-generation can return or continue its state. TTT's pending mini-batch has no fixed-shape form yet: it decodes with
-`step`. benchmarks/NOTES.md has the measurements.
+new graph. Here every mixer turns its state into fixed shapes (`decode_state`: the memory's partial chunk in buffers
+of chunk_size rows, attention caches as rings of window slots, or of `capacity` slots for full attention, MAC's
+segment in segment_len slots, TTT's mini-batch in as many rows) and reads a token on it (`decode_step`), positions
+being tensors: one graph, compiled once by inductor (with its C++ wrapper, which cuts the per-kernel cost of calling
+them from Python), serves a whole generation. Its results equal `step`'s up to rounding; `state_from_decode` gives
+the `step` state back, so a generation can return or continue its state. benchmarks/NOTES.md has the measurements.
 """
 
 from __future__ import annotations
@@ -58,11 +57,6 @@ class Decoder:
     batch size, dtype and capacity stay the same."""
 
     def __init__(self, model: "TitansLM", compile: bool = True):
-        unsupported = sorted({type(block.mixer).__name__ for block in model.blocks
-                              if not hasattr(block.mixer, "decode_step")})
-        if unsupported:
-            raise ValueError(f"the {model.config.variant} variant has no fixed-shape decoding ({', '.join(unsupported)}"
-                             f"); generate with compile=False")
         self.model = model
         self._token = torch.compile(self._read_token, dynamic=False, options={"cpp_wrapper": True}) if compile \
             else self._read_token

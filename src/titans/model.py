@@ -476,12 +476,12 @@ class TitansLM(TitansModel):
         otherwise sampled from softmax(logits / temperature), restricted to the top_k most likely when given. With
         return_state: also the state after the prompt and every generated token. The prompt is read in one call, each
         new token by `step`, or with compile=True by one compiled fixed-shape graph (`titans.decoding`: several times
-        faster per token, after a one-off compilation of about a minute on CPU; not for ttt)."""
+        faster per token, after a one-off compilation of about a minute on CPU)."""
         if prompt.dim() == 1:
             prompt = prompt.unsqueeze(0)
         if prompt.dim() == 2 and prompt.shape[1] == 0 and max_new_tokens > 0:
             raise ValueError("the prompt is empty: generation continues at least one token")
-        decoder = self.decoder() if compile and max_new_tokens > 0 else None  # refuses a variant it cannot decode
+        decoder = self.decoder() if compile and max_new_tokens > 0 else None
         logits, state = self(prompt, state)
         step = self.step
         if decoder is not None:

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .memory import depthwise_conv
-from .ops.ttt import LN_EPS, TTTInnerState, ttt_current_weights, ttt_scan, ttt_step
+from .ops.ttt import (LN_EPS, TTTInnerState, ttt_current_weights, ttt_decode_state, ttt_decode_step, ttt_scan,
+                       ttt_state_from_decode, ttt_step)
 
 
 @dataclass
@@ -179,16 +180,27 @@ class TTT(nn.Module):
         """z_t = f(q_t; W_t) for every token (W_t after the gradient steps of tokens <= t of its mini-batch), then
         post-norm, gate and output projection. The inner loop runs in fp32 (fp64 for fp64 input), even under
         autocast."""
-        return self._mix(x, state, step=False)
+        return self._mix(x, state, "forward")
 
     def step(self, x: Tensor, state: TTTState | None) -> tuple[Tensor, TTTState]:
         """`forward` of one token x (B, 1, dim), for decoding: the inner loop is `ttt_step` (the token joins the
         pending mini-batch and reads its own row of the dual form) instead of `ttt_scan`."""
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"TTT.step reads one token, got x of shape {tuple(x.shape)}")
-        return self._mix(x, state, step=True)
+        return self._mix(x, state, "step")
 
-    def _mix(self, x: Tensor, state: TTTState | None, step: bool) -> tuple[Tensor, TTTState]:
+    # Fixed-shape decoding (`titans.decoding`): the pending mini-batch in buffers (`ttt_decode_state`).
+    def decode_state(self, state: TTTState, capacity: int) -> TTTState:
+        return TTTState(ttt_decode_state(state.inner, self.chunk_size), dict(state.conv))
+
+    def decode_step(self, x: Tensor, state: TTTState) -> tuple[Tensor, TTTState]:
+        return self._mix(x, state, "decode_step")
+
+    def state_from_decode(self, state: TTTState) -> TTTState:
+        return TTTState(ttt_state_from_decode(state.inner), dict(state.conv))
+
+    def _mix(self, x: Tensor, state: TTTState | None, mode: str) -> tuple[Tensor, TTTState]:
+        """mode: "forward" (the chunked scan), "step" (`ttt_step`) or "decode_step" (on a `decode_state`)."""
         self._check(x, state)
         dtype = torch.promote_types(x.dtype, torch.float32)
         batch = x.shape[0]
@@ -199,10 +211,13 @@ class TTT(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             q, k, v, lr = q.to(dtype), k.to(dtype), v.to(dtype), lr.to(dtype)
             if self.rope:  # position inside the current mini-batch
-                positions = (len(state.inner) + torch.arange(x.shape[1], device=x.device)) % self.chunk_size
+                filled = state.inner.filled if mode == "decode_step" else len(state.inner)
+                positions = (filled + torch.arange(x.shape[1], device=x.device)) % self.chunk_size
                 q, k = _rotate(q, positions, self.rope_theta), _rotate(k, positions, self.rope_theta)
             ln = self._rows(self.ln_weight, batch, dtype), self._rows(self.ln_bias, batch, dtype)
-            if step:
+            if mode == "decode_step":
+                z, state.inner = ttt_decode_step(*ln, q, k, v, lr, self.token_scale(dtype), state.inner)
+            elif mode == "step":
                 z, state.inner = ttt_step(*ln, q, k, v, lr, self.token_scale(dtype), self.chunk_size, state.inner)
             else:
                 z, state.inner = ttt_scan(state.inner.weights, *ln, q, k, v, lr, self.token_scale(dtype),

@@ -252,6 +252,54 @@ def ttt_step(ln_weight: Tensor, ln_bias: Tensor, query: Tensor, key: Tensor, val
     return out, TTTInnerState(state.weights, TTTPending(key, value, lr))
 
 
+@dataclass
+class TTTDecodeState:
+    """A `TTTInnerState` in fixed shapes, for `ttt_decode_step`: the pending mini-batch in buffers of b rows, the
+    learning rates zero beyond the `filled` rows (so those rows add nothing to the dual form)."""
+
+    weights: Params  # W^0, at the last mini-batch boundary
+    keys: Tensor  # (BH, b, d)
+    values: Tensor
+    lr: Tensor  # (BH, b)
+    filled: Tensor  # 0-d int64: tokens since the boundary, < b
+
+
+def ttt_decode_state(state: TTTInnerState, mini_batch_size: int) -> TTTDecodeState:
+    first = state.weights["W1"]
+    bh, d = first.shape[0], first.shape[1]
+    keys, values, lr = first.new_zeros(bh, mini_batch_size, d), first.new_zeros(bh, mini_batch_size, d), \
+        first.new_zeros(bh, mini_batch_size)
+    p = state.pending
+    if p is not None:
+        keys[:, :len(p)], values[:, :len(p)], lr[:, :len(p)] = p.keys, p.values, p.lr
+    return TTTDecodeState(dict(state.weights), keys, values, lr, torch.tensor(len(state), device=first.device))
+
+
+def ttt_decode_step(ln_weight: Tensor, ln_bias: Tensor, query: Tensor, key: Tensor, value: Tensor, lr: Tensor,
+                    token_scale: Tensor, state: TTTDecodeState, eps: float = LN_EPS) -> tuple[Tensor, TTTDecodeState]:
+    """`ttt_step` on a `ttt_decode_state`, every shape fixed: the token takes row `filled` and is read with the last
+    row of the dual form over the whole buffer, every row scaled by its s_i (rows beyond it have lr 0); at the
+    mini-batch's end W_b starts the next one."""
+    b = state.keys.shape[1]
+    row = state.filled.reshape(1)
+    keys, values = state.keys.index_copy(1, row, key), state.values.index_copy(1, row, value)
+    lrs = state.lr.index_copy(1, row, lr)
+    scale = token_scale[state.filled].expand(b)
+    out, new = _minibatch(state.weights, query, keys, values, lrs, scale, ln_weight, ln_bias, eps, end=True,
+                          last_only=True)
+    complete = state.filled == b - 1
+    return out, TTTDecodeState({k: torch.where(complete, new[k], w) for k, w in state.weights.items()}, keys,
+                               values, torch.where(complete, torch.zeros_like(lrs), lrs),
+                               torch.where(complete, torch.zeros_like(state.filled), state.filled + 1))
+
+
+def ttt_state_from_decode(state: TTTDecodeState) -> TTTInnerState:
+    p = int(state.filled)
+    if p == 0:
+        return TTTInnerState(dict(state.weights))
+    return TTTInnerState(dict(state.weights), TTTPending(state.keys[:, :p], state.values[:, :p], state.lr[:, :p]))
+
+
 def ttt_current_weights(state: TTTInnerState, ln_weight: Tensor, ln_bias: Tensor, token_scale: Tensor,
                         eps: float = LN_EPS) -> Params:
     """W_t, the weights the last token seen was read with (the pending tokens folded in, with the token scale of the
