@@ -8,7 +8,9 @@ import torch
 
 from titans.ops import (MLPMemory, MemoryState, auto_checkpoint_chunks, current_weights, memory_retrieve, memory_scan,
                          memory_scan_reference, memory_step)
+from titans.ops.memory_decode import decode_state, decode_step, memory_state
 from titans.ops.memory_scan import _chunk_step, _compiled_chunk_step, checkpoint_group
+from titans.state import tensors
 
 F64 = torch.float64
 
@@ -392,3 +394,36 @@ def test_single_token_step_equals_the_chunked_scan(depth, chunk, with_momentum, 
     for name in state.weights:
         assert rel_err(current_weights(fn, continued, *bounds)[name], current_weights(fn, state_all, *bounds)[name]) \
             < 1e-10
+
+
+@pytest.mark.parametrize("depth,chunk,with_momentum,with_decay,bounded", [
+    (1, 1, True, True, True), (2, 5, True, True, True), (3, 4, False, True, True), (2, 8, True, False, True),
+    (2, 5, True, True, False), (2, 4, False, False, False)])
+def test_fixed_shape_decoding_equals_the_chunked_scan(depth, chunk, with_momentum, with_decay, bounded):
+    """ops.memory_decode token by token from a 3-token memory_scan (a state left mid-chunk, folded in by
+    decode_state): the chunked scan's retrievals, buffers that keep their shapes, and a state (memory_state) that a
+    scan continues on the one-call result, with and without each gate, clipping and chunk-normalised steps."""
+    memory = MLPMemory(dim=4, depth=depth, hidden=6)
+    params = memory.init_params(3, generator=torch.Generator().manual_seed(2), dtype=F64)
+    inputs = make_inputs(t=26, seed=3, with_momentum=with_momentum, with_decay=with_decay)
+    options = dict(max_grad_norm=0.5 if bounded else None, normalize_chunk_lr=bounded)
+    y_all, state_all = memory_scan(memory, params, *inputs, chunk_size=chunk, **options)
+    head = [None if x is None else x[:, :3] for x in inputs]
+    out, state = memory_scan(memory, params, *head, chunk_size=chunk, **options)
+    fixed = decode_state(memory, state, chunk, *options.values(), with_momentum, with_decay)
+    outs, shapes = [out], None
+    for t in range(3, 21):
+        keys, values, queries, lr, momentum, decay = (None if x is None else x[:, t:t + 1] for x in inputs)
+        out, fixed = decode_step(memory, keys, values, queries, lr, momentum, decay, fixed, *options.values())
+        outs.append(out)
+        now = [t.shape for t in tensors(fixed)]
+        assert shapes is None or now == shapes
+        shapes = now
+    assert rel_err(torch.cat(outs, 1), y_all[:, :21]) < 1e-10
+    rest = [None if x is None else x[:, 21:] for x in inputs]
+    y_rest, continued = memory_scan(memory, params, *rest, chunk_size=chunk,
+                                    state=memory_state(fixed, options["normalize_chunk_lr"]), **options)
+    assert rel_err(y_rest, y_all[:, 21:]) < 1e-10
+    for name in state_all.weights:
+        assert rel_err(current_weights(memory, continued, *options.values())[name],
+                       current_weights(memory, state_all, *options.values())[name]) < 1e-10
