@@ -22,7 +22,8 @@ Workloads (the issue's shapes: dim 256, 4 heads x 64, memory MLP 64 -> 256 -> 64
   (0.5.5), so they are made contiguous first (one copy per head: what per_head_learned_parameters means).
 - decode: a 1,024-token prompt, then --new-tokens greedy tokens (ours: `TitansLM.generate`; peer: `sample` with its
   cache, min-p filtering as shipped). Prefill tok/s from one forward of the prompt; decode tok/s = new tokens / (time
-  of the whole generation - that prefill time).
+  of the whole generation - that prefill time). decode_compiled: the same, ours with `generate(compile=True)`
+  (`titans.decoding`; the warm-up call compiles), the peer as in decode.
 
 Writes results.json (every run) and results.md (the table) to --out atomically; writes nothing else and deletes
 nothing.
@@ -50,6 +51,7 @@ WORKLOADS = {  # name: (kind, batch, length, chunk)
     "layer_b2x1k_chunk8": ("layer", 2, 1024, 8),
     "model_step": ("model_step", 4, 1024, 64),
     "decode": ("decode", 1, 1024, 64),
+    "decode_compiled": ("decode", 1, 1024, 64),
 }
 QUICK = {"layer_b1x1k": ("layer", 1, 256, 64), "layer_b2x1k_chunk8": ("layer", 1, 256, 8),
          "model_step": ("model_step", 1, 256, 64), "decode": ("decode", 1, 128, 64)}
@@ -147,7 +149,8 @@ def measure(impl: str, workload: str, spec: tuple, iters: int, new_tokens: int) 
         with torch.inference_mode():
             prefill = _timed(lambda: model(prompt), iters)
             if impl == "ours":
-                generate = lambda: model.generate(prompt, max_new_tokens=new_tokens)  # noqa: E731
+                generate = lambda: model.generate(prompt, max_new_tokens=new_tokens,  # noqa: E731
+                                                  compile=workload == "decode_compiled")
             else:
                 generate = lambda: model.sample(prompt, length + new_tokens, use_cache=True,  # noqa: E731
                                                 show_progress=False)

@@ -62,6 +62,7 @@ class Decoder:
             else self._read_token
 
     def _read_token(self, tokens: Tensor, layers: list) -> tuple[Tensor, list]:
+        """`TitansLM.step` on decode states; not `_blocks`, whose Python-int position would be a new graph per token."""
         model, new_layers = self.model, []
         x = model.embed(tokens)
         for block, layer in zip(model.blocks, layers):
