@@ -161,7 +161,7 @@ def test_nbytes_detach_and_to_cover_every_tensor(tokens, variant):
         model.float()(tokens[:, SPLIT:], single)
 
 
-def test_cli_generate_with_a_saved_state(tmp_path, capsys):
+def test_cli_generate_with_a_saved_state(tmp_path, capsys, monkeypatch):
     from test_cli import TINY
 
     save_yaml(from_dict(RunConfig, TINY), tmp_path / "tiny.yaml")
@@ -188,6 +188,14 @@ def test_cli_generate_with_a_saved_state(tmp_path, capsys):
     # the saved state ends after the last generated token was fed: the same stream as doc + "3 1"
     code, unbroken, _ = generate("--prompt", " ".join(map(str, doc + [3, 1])))
     assert code == 0 and unbroken == answers[0]
+    # --compile reaches generate (compiled decoding itself: tests/test_decoding.py)
+    asked = []
+    original = TitansLM.generate
+    monkeypatch.setattr(TitansLM, "generate", lambda self, *a, **kw: asked.append(kw["compile"]) or original(
+        self, *a, **{**kw, "compile": False}))
+    code, compiled, _ = generate("--prompt", " ".join(map(str, doc + [3, 1])), "--compile")
+    assert code == 0 and compiled == unbroken and asked == [True]
+    monkeypatch.undo()
 
     # a state made by another model, and a path that is not a state: one line, exit status 2
     other = TitansLM(preset("tiny", "lmm", vocab_size=16))
