@@ -13,6 +13,8 @@ the `step` state back, so a generation can return or continue its state. benchma
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +36,15 @@ def _standard_strides(t: Tensor) -> Tensor:
         strides.insert(0, step)
         step *= size
     return t if list(t.stride()) == strides else t.clone(memory_format=torch.contiguous_format)
+
+
+def _own_code(method: Callable) -> Callable:
+    """`method` with a code object of its own. torch.compile keeps its graphs per code object, at most
+    `torch._dynamo.config.recompile_limit` (8) of them, and each model needs its own (the graph reads its
+    parameters): decoders of more models than that in one process would otherwise share one code object and fail."""
+    fn = method.__func__
+    return types.MethodType(types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                               fn.__closure__), method.__self__)
 
 
 @dataclass
@@ -58,8 +69,9 @@ class Decoder:
 
     def __init__(self, model: "TitansLM", compile: bool = True):
         self.model = model
-        self._token = torch.compile(self._read_token, dynamic=False, options={"cpp_wrapper": True}) if compile \
-            else self._read_token
+        # fullgraph: a graph break would fall back to eager silently, as slow as `step` or slower
+        self._token = torch.compile(_own_code(self._read_token), fullgraph=True, dynamic=False,
+                                    options={"cpp_wrapper": True}) if compile else self._read_token
 
     def _read_token(self, tokens: Tensor, layers: list) -> tuple[Tensor, list]:
         """`TitansLM.step` on decode states; not `_blocks`, whose Python-int position would be a new graph per token."""

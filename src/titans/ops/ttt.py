@@ -284,7 +284,7 @@ def ttt_decode_step(ln_weight: Tensor, ln_bias: Tensor, query: Tensor, key: Tens
     row = state.filled.reshape(1)
     keys, values = state.keys.index_copy(1, row, key), state.values.index_copy(1, row, value)
     lrs = state.lr.index_copy(1, row, lr)
-    scale = token_scale[state.filled].expand(b)
+    scale = token_scale.index_select(0, row).expand(b)  # not token_scale[filled]: a scalar read inductor refuses
     out, new = _minibatch(state.weights, query, keys, values, lrs, scale, ln_weight, ln_bias, eps, end=True,
                           last_only=True)
     complete = state.filled == b - 1
