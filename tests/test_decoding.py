@@ -88,14 +88,14 @@ def test_compiled_generation_equals_eager_and_compiles_once(variant):
         assert torch.allclose(model(more, fast_state)[0], model(more, eager_state)[0], rtol=0, atol=1e-4)
 
 
-def test_every_model_compiles_its_own_graphs(monkeypatch):
+def test_every_model_compiles_its_own_graphs():
     """torch.compile keeps at most recompile_limit graphs per code object; each decoder has a code object of its own,
     so a process decodes with more models than that (here the limit is 1 and there are two models)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    for variant in ("swa", "deltanet"):
-        model = tiny(variant, dtype=torch.float32)
-        prompt = torch.randint(0, 32, (1, 6))
-        assert torch.equal(model.generate(prompt, 5, compile=True), model.generate(prompt, 5))
+    with torch._dynamo.config.patch(recompile_limit=1):  # not monkeypatch: its undo deletes the config entry
+        for variant in ("swa", "deltanet"):
+            model = tiny(variant, dtype=torch.float32)
+            prompt = torch.randint(0, 32, (1, 6))
+            assert torch.equal(model.generate(prompt, 5, compile=True), model.generate(prompt, 5))
 
 
 def test_refusals_are_one_line():
