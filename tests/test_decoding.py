@@ -102,11 +102,11 @@ def test_refusals_are_one_line():
     decoder = Decoder(tiny("lmm"), compile=False)
     with pytest.raises(ValueError, match="at least one token"):
         decoder.begin(decoder.model(torch.zeros(1, 0, dtype=torch.long))[1], capacity=8)
-    swa = tiny("transformer")
+    full = tiny("transformer")
     with torch.no_grad():
-        _, state = swa(torch.randint(0, 32, (1, 12)))
+        _, state = full(torch.randint(0, 32, (1, 12)))
     with pytest.raises(ValueError, match="holds 12 tokens, more than the capacity 8"):
-        Decoder(swa, compile=False).begin(state, capacity=8)
+        Decoder(full, compile=False).begin(state, capacity=8)
 
 
 def test_capacity_rounds_up_to_a_power_of_two():
