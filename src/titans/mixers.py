@@ -312,8 +312,8 @@ class MACMixer(nn.Module):
     def decode_state(self, state: MACState, capacity: int) -> MACDecodeState:
         m = self.memory
         segment = current_weights(m.memory, state.segment_memory, m.max_grad_norm, m.normalize_chunk_lr)
-        ring = lambda cache: F.pad(cache, (0, 0, 0, self.segment_len - state.filled))  # noqa: E731
-        return MACDecodeState(m.decode_state(state.memory), dict(segment), ring(state.keys), ring(state.values),
+        room = lambda cache: F.pad(cache, (0, 0, 0, self.segment_len - state.filled))  # noqa: E731  segment_len slots
+        return MACDecodeState(m.decode_state(state.memory), dict(segment), room(state.keys), room(state.values),
                               torch.tensor(state.filled, device=state.keys.device))
 
     def decode_step(self, x: Tensor, state: MACDecodeState):
@@ -336,7 +336,7 @@ class MACMixer(nn.Module):
         segment = {k: torch.where(complete, w, state.segment_weights[k])
                    for k, w in memory_state.memory.weights_now.items()}
         return self.gate(y, m), MACDecodeState(memory_state, segment, keys, values,
-                                               torch.where(complete, torch.zeros_like(start), start + 1))
+                                               (start + 1) % self.segment_len)
 
     def state_from_decode(self, state: MACDecodeState) -> MACState:
         """The `step` state equal to a `decode_state`; its segment memory holds the weights the segment reads (as a

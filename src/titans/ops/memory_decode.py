@@ -91,7 +91,7 @@ def decode_step(memory: MLPMemory, key: Tensor, value: Tensor, query: Tensor, lr
         put(state.keys, key), put(state.values, value), put(state.lr, lr), gate(state.momentum_gate, momentum),
         gate(state.decay_gate, decay),
         {k: torch.where(complete, torch.zeros_like(u), u) for k, u in units.items()},
-        torch.where(complete, torch.zeros_like(state.filled), state.filled + 1))
+        (state.filled + 1) % chunk_size)
 
 
 def memory_state(state: MemoryDecodeState, normalize_chunk_lr: bool) -> MemoryState:

@@ -290,7 +290,7 @@ def ttt_decode_step(ln_weight: Tensor, ln_bias: Tensor, query: Tensor, key: Tens
     complete = state.filled == b - 1
     return out, TTTDecodeState({k: torch.where(complete, new[k], w) for k, w in state.weights.items()}, keys,
                                values, torch.where(complete, torch.zeros_like(lrs), lrs),
-                               torch.where(complete, torch.zeros_like(state.filled), state.filled + 1))
+                               (state.filled + 1) % b)
 
 
 def ttt_state_from_decode(state: TTTDecodeState) -> TTTInnerState:
